@@ -1,0 +1,111 @@
+"""Paged attention in plain torch ops (CPU and CUDA).
+
+Cache layout per layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V).
+Decodes: all decoding requests in one batched SDPA call over K/V gathered through their block tables.
+Prefill chunks: one batched SDPA call over padded queries with a causal mask offset by each chunk's context, so a
+chunk of a long prompt sees the earlier chunks from the cache. No Python loop over requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tierserve.model_executor.attention.base import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.scale = head_dim**-0.5
+
+    @staticmethod
+    def bytes_per_block(num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, dtype: torch.dtype, device: torch.device
+    ) -> list[torch.Tensor]:
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """[nblocks, bs, Hkv, D] gathered by [B, max_blocks] -> [B, Hkv, max_blocks * bs, D]."""
+        b, nb = block_tables.shape
+        x = cache[block_tables].view(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
+        return x.transpose(1, 2)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+        out = q.new_empty(num_tokens, self.num_heads, self.head_dim)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        if nd < num_tokens:
+            out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, meta)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        bt = meta.decode_block_tables
+        keys = self._gather(k_cache, bt)
+        values = self._gather(v_cache, bt)
+        max_len = keys.shape[2]
+        pos = torch.arange(max_len, device=q.device)
+        mask = (pos[None, :] < meta.decode_seq_lens[:, None])[:, None, None, :]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return o.squeeze(2)
+
+    def _prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        qlens, slens = meta.prefill_query_lens, meta.prefill_seq_lens
+        if len(qlens) == 1 and qlens[0] == slens[0]:
+            # A whole prompt in one chunk: its K/V are the fresh ones, no gather needed.
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                is_causal=True, scale=self.scale, enable_gqa=True,
+            )
+            return o.squeeze(0).transpose(0, 1)
+        b = len(qlens)
+        max_q = max(qlens)
+        device = q.device
+        qlen_t = torch.tensor(qlens, device=device)
+        slen_t = torch.tensor(slens, device=device)
+        starts = meta.prefill_query_start[:-1]
+        # Padded query index: row i of request r is token starts[r] + i (valid when i < qlen[r]).
+        ar = torch.arange(max_q, device=device)
+        valid = ar[None, :] < qlen_t[:, None]  # [B, max_q]
+        src = (starts[:, None] + ar[None, :]).clamp(max=q.shape[0] - 1)
+        qp = q[src]  # [B, max_q, H, D]
+        keys = self._gather(k_cache, meta.prefill_block_tables)
+        values = self._gather(v_cache, meta.prefill_block_tables)
+        max_len = keys.shape[2]
+        kpos = torch.arange(max_len, device=device)
+        qpos = (slen_t - qlen_t)[:, None] + ar[None, :]  # absolute position of each query row
+        mask = kpos[None, None, :] <= qpos[:, :, None]  # causal, also hides keys beyond seq_len
+        mask = mask | ~valid[:, :, None] & (kpos[None, None, :] == 0)  # padded rows: attend to one key, no NaN
+        o = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=self.scale, enable_gqa=True
+        )  # [B, H, max_q, D]
+        o = o.transpose(1, 2)  # [B, max_q, H, D]
+        return o[valid]

@@ -1,0 +1,124 @@
+"""ModelRunner: owns the weights, the KV cache tensors and the per-step tensors; runs one step.
+
+It receives the scheduler's decision (which requests, how many new tokens each), lays the tokens out flat
+(decodes first, then prefill chunks), builds the attention metadata, runs the model and samples the requests whose
+step reaches their last token. It never changes scheduling state; the engine applies the results.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from tierserve.config import CacheConfig, ModelConfig
+from tierserve.core.scheduler import ScheduledRequest, SchedulerOutput
+from tierserve.errors import OutOfKVCacheMemoryError
+from tierserve.model_executor.attention import AttentionMetadata, get_backend
+from tierserve.model_executor.models.llama import LlamaForCausalLM
+from tierserve.model_executor.sampler import SamplerOutput, sample
+from tierserve.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_requests: list[Request]
+    sampler_output: SamplerOutput
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_model_len: int,
+        attention_backend: str = "torch",
+    ) -> None:
+        self.cfg = model_config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = cache_config.block_size
+        self.model = LlamaForCausalLM(model_config, dtype, max_model_len).to(device)
+        self.model.load_weights(tensors)
+        self.attn = get_backend(attention_backend)(
+            model_config.num_heads, model_config.num_kv_heads, model_config.head_dim, self.block_size
+        )
+        per_block = self.attn.bytes_per_block(model_config.num_kv_heads, model_config.head_dim, self.block_size,
+                                              dtype) * model_config.num_layers
+        if cache_config.num_blocks is not None:
+            num_blocks = cache_config.num_blocks
+        else:
+            num_blocks = cache_config.kv_cache_memory // per_block
+        if num_blocks < 1:
+            raise OutOfKVCacheMemoryError(
+                f"kv_cache_memory={cache_config.kv_cache_memory} bytes holds no block "
+                f"(one block of {self.block_size} tokens needs {per_block} bytes); raise --kv-cache-memory"
+            )
+        self.num_blocks = int(num_blocks)
+        self.kv_bytes = self.num_blocks * per_block
+        self.kv_caches = self.attn.allocate_kv_cache(model_config.num_layers, self.num_blocks, dtype, device)
+        logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s)", self.num_blocks, self.block_size,
+                    self.kv_bytes / 2**20, dtype)
+
+    def _block_table(self, reqs: list[Request]) -> torch.Tensor:
+        width = max((len(r.block_ids) for r in reqs), default=1)
+        rows = [r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs]
+        return torch.tensor(rows, dtype=torch.long).view(len(reqs), max(width, 1))
+
+    def _prepare(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata,
+                                                               list[int], list[Request]]:
+        decodes = [s for s in items if s.num_new_tokens == 1 and s.request.num_computed_tokens > 0]
+        prefills = [s for s in items if not (s.num_new_tokens == 1 and s.request.num_computed_tokens > 0)]
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_idx: list[int] = []
+        sampled: list[Request] = []
+        qstart = [0]
+        for s in decodes + prefills:
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            ids.extend(r.all_token_ids[start:end])
+            positions = range(start, end)
+            pos.extend(positions)
+            bids = r.block_ids
+            slots.extend(bids[p // bs] * bs + p % bs for p in positions)
+            if s.completes:
+                logits_idx.append(len(ids) - 1)
+                sampled.append(r)
+        for s in prefills:
+            qstart.append(qstart[-1] + s.num_new_tokens)
+        dreqs = [s.request for s in decodes]
+        preqs = [s.request for s in prefills]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=self._block_table(dreqs).to(self.device) if dreqs else torch.empty(0),
+            decode_seq_lens=torch.tensor([r.num_computed_tokens + 1 for r in dreqs], dtype=torch.long,
+                                         device=self.device),
+            prefill_query_lens=[s.num_new_tokens for s in prefills],
+            prefill_seq_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in prefills],
+            prefill_block_tables=self._block_table(preqs).to(self.device) if preqs else torch.empty(0),
+            prefill_query_start=torch.tensor(qstart, dtype=torch.long, device=self.device),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions_t = torch.tensor(pos, dtype=torch.long, device=self.device)
+        return input_ids, positions_t, meta, logits_idx, sampled
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        input_ids, positions, meta, logits_idx, sampled = self._prepare(sched.scheduled)
+        if not logits_idx:
+            self.model(input_ids, positions, self.kv_caches, self.attn, meta,
+                       torch.empty(0, dtype=torch.long, device=self.device))
+            return ModelRunnerOutput([], SamplerOutput([], None, []))
+        idx = torch.tensor(logits_idx, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids, positions, self.kv_caches, self.attn, meta, idx)
+        return ModelRunnerOutput(sampled, sample(logits, sampled))

@@ -1,0 +1,133 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2 with q/k/v bias) over paged attention.
+
+Weights are held fused: one QKV projection and one gate/up projection per layer (fewer, larger GEMMs). The LM head
+runs only on the positions that are sampled (``logits_indices``). RMSNorm and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tierserve.config import ModelConfig
+from tierserve.errors import ModelLoadError
+from tierserve.model_executor.attention.base import AttentionBackend, AttentionMetadata
+from tierserve.model_executor.models.rope import apply_rope, rope_cos_sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_size = cfg.num_heads * d
+        self.kv_size = cfg.num_kv_heads * d
+        e = dict(dtype=dtype)
+        self.input_norm = nn.Parameter(torch.empty(h, **e), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.empty(h, **e), requires_grad=False)
+        self.qkv = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, h, **e), requires_grad=False)
+        self.qkv_bias = (
+            nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, **e), requires_grad=False)
+            if cfg.attention_bias else None
+        )
+        self.o_proj = nn.Parameter(torch.empty(h, self.q_size, **e), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h, **e), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size, **e), requires_grad=False)
+        self.eps = cfg.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.inter = cfg.intermediate_size
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        h = rms_norm(x, self.input_norm, self.eps)
+        qkv = F.linear(h, self.qkv, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        a = attn.forward(q, k, v, kv_cache, meta)
+        x = x + F.linear(a, self.o_proj)
+        h = rms_norm(x, self.post_norm, self.eps)
+        gu = F.linear(h, self.gate_up)
+        g, u = gu.split([self.inter, self.inter], dim=-1)
+        return x + F.linear(F.silu(g) * u, self.down)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.lm_head: nn.Parameter | None = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        cos, sin = rope_cos_sin(cfg, max_positions)
+        self.register_buffer("cos", cos.to(dtype), persistent=False)
+        self.register_buffer("sin", sin.to(dtype), persistent=False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: AttentionBackend,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """-> float32 logits [len(logits_indices), vocab]."""
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, attn, cache, meta)
+        x = rms_norm(x[logits_indices], self.norm, self.cfg.rms_norm_eps)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head).float()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up. Missing or misshapen tensors raise ModelLoadError."""
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                return tensors[name]
+            except KeyError:
+                raise ModelLoadError(f"checkpoint lacks tensor {name!r}") from None
+
+        def put(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+            if param.shape != value.shape:
+                raise ModelLoadError(f"tensor {name}: shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
+            param.data.copy_(value)
+
+        put(self.embed, take("model.embed_tokens.weight"), "model.embed_tokens.weight")
+        put(self.norm, take("model.norm.weight"), "model.norm.weight")
+        if self.lm_head is not None:
+            put(self.lm_head, take("lm_head.weight"), "lm_head.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            put(layer.input_norm, take(p + "input_layernorm.weight"), p + "input_layernorm.weight")
+            put(layer.post_norm, take(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
+            qkv = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            put(layer.qkv, qkv, p + "self_attn.qkv")
+            if layer.qkv_bias is not None:
+                put(layer.qkv_bias, torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]), p + "qkv_bias")
+            put(layer.o_proj, take(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight")
+            gu = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            put(layer.gate_up, gu, p + "mlp.gate_up")
+            put(layer.down, take(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
