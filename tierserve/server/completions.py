@@ -1,0 +1,108 @@
+"""POST /v1/completions: one engine request per prompt, ``n`` choices each, streamed (SSE) or whole."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from tierserve.outputs import CompletionOutput, PositionLogprobs
+from tierserve.server.generation import Generation, ServerState
+from tierserve.server.protocol import CompletionRequest, parse_body
+from tierserve.server.streaming import cancel_on_disconnect, clamp_logprob, sse, sse_response
+
+
+@dataclass
+class _LogprobsBuilder:
+    """The completions ``logprobs`` object: tokens, their logprobs, up to N+1 alternatives and text offsets."""
+
+    offset: int = 0
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def add(self, positions: list[PositionLogprobs]) -> dict[str, Any]:
+        """Append positions; returns the object for just these positions (a streaming chunk's)."""
+        part = _LogprobsBuilder(self.offset)
+        for pos in positions:
+            sampled = next(iter(pos.values()))  # the engine puts the sampled token first
+            token = sampled.decoded_token or ""
+            for b in (self, part):
+                b.tokens.append(token)
+                b.token_logprobs.append(clamp_logprob(sampled.logprob))
+                b.top_logprobs.append({lp.decoded_token or "": clamp_logprob(lp.logprob) for lp in pos.values()})
+                b.text_offset.append(self.offset)
+            self.offset += len(token)
+        return part.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}
+
+
+@dataclass
+class _Choice:
+    prefix: str
+    """Echoed prompt text, emitted before the first generated text."""
+    logprobs: _LogprobsBuilder | None
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, delta: CompletionOutput) -> tuple[str, dict[str, Any] | None]:
+        """Accumulate a delta; returns (text, logprobs) for a streaming chunk."""
+        text = self.prefix + delta.text
+        self.prefix = ""
+        self.text += text
+        self.finish_reason = delta.finish_reason
+        self.stop_reason = delta.stop_reason
+        lp = self.logprobs.add(delta.logprobs or []) if self.logprobs is not None else None
+        return text, lp
+
+
+async def create_completion(request: Request) -> Response:
+    arrival = time.monotonic()
+    body = await parse_body(request, CompletionRequest)
+    state: ServerState = request.app.state.server
+    state.check_model(body.model)
+    params = body.to_sampling_params()
+    prompts = [state.llm.tokenize_prompt(p) for p in body.prompts()]
+    gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", [ids for _, ids in prompts], params, arrival)
+    prefixes = [text if text is not None else state.llm.tokenizer.decode(ids) for text, ids in prompts]
+    choices = [_Choice(prefixes[k // params.n] if body.echo else "",
+                       _LogprobsBuilder() if params.logprobs is not None else None) for k in range(gen.num_choices)]
+    head = {"id": gen.request_id, "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name}
+
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            usage_field = {"usage": None} if body.include_usage else {}
+            async for k, delta in gen.deltas():
+                text, lp = choices[k].add(delta)
+                if text or lp or delta.finish_reason is not None:
+                    choice = {"index": k, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason,
+                              "stop_reason": delta.stop_reason}
+                    yield sse({**head, "choices": [choice], **usage_field})
+            if body.include_usage:
+                yield sse({**head, "choices": [], "usage": gen.usage.to_dict()})
+        return sse_response(events, gen.close)
+
+    async def collect() -> dict[str, Any]:
+        async for k, delta in gen.deltas():
+            choices[k].add(delta)
+        return {**head, "choices": [
+            {"index": k, "text": c.text, "logprobs": c.logprobs.to_dict() if c.logprobs is not None else None,
+             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for k, c in enumerate(choices)],
+            "usage": gen.usage.to_dict()}
+
+    try:
+        result = await cancel_on_disconnect(request, collect())
+    finally:
+        gen.close()
+    return JSONResponse(result) if result is not None else Response(status_code=499)
