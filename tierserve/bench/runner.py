@@ -113,7 +113,8 @@ def render_prompt(session: Session, turn_index: int, answers: list[str], chat: b
         for t, a in zip(turns[:turn_index], answers, strict=True):
             msgs += [{"role": "user", "content": t.text}, {"role": "assistant", "content": a}]
         return [*msgs, {"role": "user", "content": turns[turn_index].text}]
-    history = "".join(f"User: {t.text}\n\nAssistant: {a}\n\n" for t, a in zip(turns[:turn_index], answers, strict=True))
+    # The answer keeps its own leading space, so this turn's prompt + answer is exactly a prefix of the next one.
+    history = "".join(f"User: {t.text}\n\nAssistant:{a}\n\n" for t, a in zip(turns[:turn_index], answers, strict=True))
     return f"{history}User: {turns[turn_index].text}\n\nAssistant:"
 
 
@@ -216,6 +217,7 @@ async def run_benchmark(cfg: BenchConfig, workload: Workload | None = None,
 async def _wait(tasks: list[asyncio.Task[None]], stop: asyncio.Event | None) -> bool:
     """Wait for every session, or for ``stop``; then cancel what is left. True if stopped early."""
     everything = asyncio.gather(*tasks)
+    everything.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" noise
     waiters: list[asyncio.Future[Any]] = [everything]
     if stop is not None:
         waiters.append(asyncio.ensure_future(stop.wait()))
@@ -228,6 +230,6 @@ async def _wait(tasks: list[asyncio.Task[None]], stop: asyncio.Event | None) -> 
         await asyncio.gather(*tasks, return_exceptions=True)
         for w in waiters[1:]:
             w.cancel()
-    if everything.done() and not everything.cancelled() and everything.exception() is not None:
-        raise everything.exception()  # type: ignore[misc]
+    if not stopped and (exc := everything.exception()) is not None:
+        raise exc  # a bug in the runner, not a server fault (those are records)
     return stopped
