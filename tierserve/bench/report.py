@@ -22,6 +22,8 @@ def run_label(result: dict[str, Any]) -> str:
     cfg = result["config"]
     if cfg.get("label"):
         return str(cfg["label"])
+    if cfg["workload"] in ("mooncake", "azure") and cfg.get("use_trace_timestamps", True):
+        return f"trace_x{cfg['workload_args']['trace_time_scale']:g}"
     rate = cfg.get("request_rate")
     parts = [f"rate{rate:g}" if rate is not None else "rateinf"]
     if cfg.get("max_concurrency"):
@@ -106,6 +108,7 @@ def plot_cdfs(results: list[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (key, title) in zip(axes.flat, LATENCIES, strict=True):
@@ -114,6 +117,7 @@ def plot_cdfs(results: list[dict[str, Any]], path: Path) -> Path:
             if len(v):
                 ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=run_label(r))
         ax.set_title(f"{title} CDF")
+        ax.xaxis.set_major_locator(MaxNLocator(6))
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests" if key != "itl" else "fraction of gaps")
         ax.grid(alpha=0.3)
