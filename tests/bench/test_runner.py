@@ -34,7 +34,8 @@ def test_timings_tokens_and_prefix_cache_rate(server: FakeServer) -> None:
     for r in res.records:
         assert r.success and r.output_tokens == 5 and len(r.itl) == 4
         assert 0.045 <= r.ttft <= 0.5  # type: ignore[operator]
-        assert all(0.008 <= g <= 0.3 for g in r.itl)
+        # 10 ms per gap at the server; one gap may look shorter when the OS delivers two chunks close together
+        assert all(0 <= g <= 0.3 for g in r.itl) and 0.036 <= sum(r.itl) <= 0.6
         assert r.e2e == pytest.approx(r.ttft + sum(r.itl), abs=0.05)  # type: ignore[operator]
         assert r.tpot == pytest.approx((r.e2e - r.ttft) / 4)  # type: ignore[operator]
         assert r.prompt_tokens in {len(q["prompt"].split()) for q in server.requests}  # the server's usage

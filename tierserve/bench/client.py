@@ -97,6 +97,7 @@ async def _stream(client: httpx.AsyncClient, url: str, payload: dict[str, Any], 
             rec.error, rec.error_detail = f"http_{resp.status_code}", body
             return
         async for raw in resp.aiter_lines():
+            now = time.perf_counter()
             line = raw.strip()
             if not line.startswith("data:"):
                 continue  # blank separators, ": keep-alive" comments, "event:" lines
@@ -104,7 +105,6 @@ async def _stream(client: httpx.AsyncClient, url: str, payload: dict[str, Any], 
             if data == "[DONE]":
                 break
             obj = json.loads(data)
-            now = time.perf_counter()
             if not isinstance(obj, dict):
                 raise json.JSONDecodeError("chunk is not a JSON object", data, 0)
             if obj.get("error"):

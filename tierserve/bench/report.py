@@ -18,11 +18,16 @@ import numpy as np
 LATENCIES = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E"))
 
 
+def _is_trace(cfg: dict[str, Any]) -> bool:
+    """Whether arrivals followed a trace's own timestamps."""
+    return cfg["workload"] in ("mooncake", "azure") and bool(cfg.get("use_trace_timestamps", True))
+
+
 def run_label(result: dict[str, Any]) -> str:
     cfg = result["config"]
     if cfg.get("label"):
         return str(cfg["label"])
-    if cfg["workload"] in ("mooncake", "azure") and cfg.get("use_trace_timestamps", True):
+    if _is_trace(cfg):
         return f"trace_x{cfg['workload_args']['trace_time_scale']:g}"
     rate = cfg.get("request_rate")
     parts = [f"rate{rate:g}" if rate is not None else "rateinf"]
@@ -66,8 +71,9 @@ def markdown(results: list[dict[str, Any]]) -> str:
     """A table with one row per run; latencies in ms, throughputs per second."""
     cfg0 = results[0]["config"]
     lines = [f"# bench serve: {cfg0['workload']} workload, model `{cfg0['model']}` at {cfg0['base_url']}", ""]
+    slo = ", ".join(f"{k} ≤ {v:g} ms" for k, v in (cfg0.get("slo") or {}).items())
     lines.append(f"Endpoint `{cfg0['endpoint']}`, {cfg0['num_requests']} requests, seed {cfg0['seed']}"
-                 + (f", SLO {cfg0['slo']} ms" if cfg0.get("slo") else "") + ".")
+                 + (f", SLO {slo}" if slo else "") + ".")
     if scaling := _scaling(cfg0):
         lines.append(f"Trace replay: {scaling}.")
     lines += ["", "| run | rate | conc | ok | failed | req/s | out tok/s | total tok/s | TTFT mean | TTFT p50 | "
@@ -76,6 +82,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         c, s = r["config"], r["summary"]
         rate = "inf" if c["request_rate"] is None else f"{c['request_rate']:g}"
+        if _is_trace(c):
+            rate = "trace"
         hit = s.get("prefix_cache_hit_rate")
         lines.append("| " + " | ".join([
             run_label(r), rate, str(c.get("max_concurrency") or "—"), str(s["completed"]), str(s["failed"]),

@@ -194,10 +194,7 @@ async def run_benchmark(cfg: BenchConfig, workload: Workload | None = None,
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         model = cfg.model or await fetch_model_id(client, cfg.base_url) or cfg.workload.tokenizer
         warm = _Run(cfg, client, model, time.perf_counter())
-        for _ in range(cfg.num_warmups):
-            rec = await warm.send(workload.sessions[0], -1, 0, [])
-            if not rec.success:
-                logger.warning("warm-up request failed (%s: %s); running anyway", rec.error, rec.error_detail)
+        await _wait([asyncio.create_task(_warm_up(warm, workload.sessions[0], cfg.num_warmups))], stop)
         before = await scrape_prefix_cache(client, cfg.base_url)
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         run = _Run(cfg, client, model, time.perf_counter())
@@ -212,6 +209,14 @@ async def run_benchmark(cfg: BenchConfig, workload: Workload | None = None,
     info = dict(workload.info, num_sessions=len(workload.sessions), skipped_turns_context=run.skipped_turns)
     return BenchResult(cfg, run.records, duration, started_at, model, info,
                        prefix_cache_hit_rate(before, after), interrupted)
+
+
+async def _warm_up(run: _Run, session: Session, num: int) -> None:
+    """Unmeasured requests first (connection set-up, lazy initialization); failures only warn."""
+    for _ in range(num):
+        rec = await run.send(session, -1, 0, [])
+        if not rec.success:
+            logger.warning("warm-up request failed (%s: %s); running anyway", rec.error, rec.error_detail)
 
 
 async def _wait(tasks: list[asyncio.Task[None]], stop: asyncio.Event | None) -> bool:
