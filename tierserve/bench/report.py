@@ -152,9 +152,10 @@ def plot_sweep(results: list[dict[str, Any]], path: Path, axis: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["config"][axis] for r in results]
-    finite = [x for x in xs if x is not None]
-    xs = [x if x is not None else (max(finite) * 2 if finite else 1) for x in xs]  # inf rate drawn at 2 x max
+    raw = [r["config"][axis] for r in results]
+    finite = [x for x in raw if x is not None]
+    xs = [x if x is not None else (max(finite) * 2 if finite else 1) for x in raw]  # inf rate drawn at 2 x max
+    ticks = ["inf" if x is None else f"{x:g}" for x in raw]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, title in ((a1, "output_throughput", "output tok/s"), (a2, "request_throughput", "requests/s")):
         ax.plot(xs, [r["summary"][key] for r in results], "o-")
@@ -166,6 +167,8 @@ def plot_sweep(results: list[dict[str, Any]], path: Path, axis: str) -> Path:
         ax.grid(alpha=0.3)
         if axis == "max_concurrency" or (min(xs) > 0 and max(xs) / min(xs) >= 8):
             ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, ticks)
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
