@@ -163,6 +163,11 @@ class AsyncEngine:
             self._inbox.extend(_Abort(rid) for rid in request_ids)
             self._cond.notify()
 
+    def abort_all(self) -> None:
+        """End every in-flight request now: its stream raises EngineDeadError (the handlers then report it), and
+        its engine requests are aborted when the stream closes."""
+        self._fail_all(EngineDeadError("the server is shutting down; the request was aborted"))
+
     async def shutdown(self) -> None:
         """Abort everything in flight and stop the engine thread."""
         with self._cond:

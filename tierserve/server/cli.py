@@ -12,6 +12,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "TIERSERVE_API_KEY"
+_CANCEL_AFTER_ABORT_S = 5.0
+"""Once in-flight requests are aborted at --shutdown-timeout, how long uvicorn waits before cancelling them."""
 
 
 @dataclass
@@ -68,8 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = ServerState(async_engine, ServerMetrics(async_engine.stats, config.served_model_names[0]),
                         config.served_model_names)
     app = build_app(state, config.api_key)
-    server = GracefulServer(uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                                    timeout_graceful_shutdown=config.shutdown_timeout))
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                                    timeout_graceful_shutdown=config.shutdown_timeout + _CANCEL_AFTER_ABORT_S)
+    server = GracefulServer(uvicorn_config, config.shutdown_timeout, async_engine.abort_all)
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", config.served_model_names[0], config.host,
                 config.port)
     server.run()

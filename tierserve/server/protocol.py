@@ -148,7 +148,12 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}",
                                       param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        try:
+            return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        except InvalidRequestError as e:
+            if e.param == "max_tokens" and self.max_completion_tokens is not None:
+                e.param = "max_completion_tokens"
+            raise
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]

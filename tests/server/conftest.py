@@ -1,0 +1,35 @@
+"""Fixtures: the real `tierserve serve` as a subprocess on a free loopback port, and clients for it.
+
+One main server (float32, so greedy output can be compared with ``LLM.generate``) serves the whole session; the
+tests that need other flags (API key, a tiny queue, a short context) start their own in their module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.server.server_process import KV_CACHE, MAX_MODEL_LEN, ServerProcess
+from tierserve.engine.llm import LLM
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    srv = ServerProcess(["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE],
+                        log)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerProcess) -> openai.OpenAI:
+    return server.openai()
+
+
+@pytest.fixture(scope="session")
+def llm() -> LLM:
+    """The offline engine with the main server's settings: the reference for greedy outputs."""
+    return LLM(dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_CACHE)
