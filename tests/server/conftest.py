@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.server.server_process import KV_CACHE, MAX_MODEL_LEN, ServerProcess
+from tests.server.worker import on_worker
 from tierserve.engine.llm import LLM
 
 
@@ -31,5 +32,6 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 @pytest.fixture(scope="session")
 def llm() -> LLM:
-    """The offline engine with the main server's settings: the reference for greedy outputs."""
-    return LLM(dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_CACHE)
+    """The offline engine with the main server's settings: the reference for greedy outputs (call it through
+    ``on_worker``)."""
+    return on_worker(LLM, dtype="float32", max_model_len=MAX_MODEL_LEN, kv_cache_memory=KV_CACHE)

@@ -14,6 +14,7 @@ import json
 import httpx
 
 from tests.server.server_process import ServerProcess
+from tests.server.worker import on_worker
 from tierserve.engine.llm import LLM
 from tierserve.sampling_params import SamplingParams
 
@@ -50,7 +51,8 @@ async def _run_all(url: str) -> list[tuple[list[str], list[set[str]], str]]:
 
 
 def test_32_concurrent_streams_are_unmixed(server: ServerProcess, llm: LLM) -> None:
-    refs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5), use_tqdm=False)
+    refs = on_worker(llm.generate, PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5),
+                     use_tqdm=False)
     results = asyncio.run(_run_all(server.url))
     identical = 0
     for prompt, ref, (tokens, top5, finish) in zip(PROMPTS, refs, results, strict=True):

@@ -55,6 +55,7 @@ def test_malformed_json(server: ServerProcess, path: str) -> None:
     ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": [10**7]}, "prompt"),
+    ({"prompt": "x", "n": 300}, "n"),  # more sequences than --max-waiting (256) could ever queue
 ])
 def test_completions_bad_values(server: ServerProcess, body: dict[str, Any], param: str) -> None:
     err = _error(httpx.post(f"{server.url}/v1/completions", json=body), 400)

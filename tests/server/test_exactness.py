@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import openai
 
+from tests.server.worker import on_worker
 from tierserve.engine.llm import LLM
 from tierserve.sampling_params import SamplingParams
 
@@ -18,7 +19,7 @@ MAX_TOKENS = 12
 
 def test_greedy_completions_match_llm_generate(llm: LLM, client: openai.OpenAI) -> None:
     for prompt in PROMPTS:
-        ref = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+        ref = on_worker(llm.generate, prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
         r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
         assert r.choices[0].text == ref.outputs[0].text, prompt
         assert r.choices[0].finish_reason == ref.outputs[0].finish_reason
@@ -29,7 +30,7 @@ def test_greedy_completions_match_llm_generate(llm: LLM, client: openai.OpenAI) 
 
 def test_greedy_chat_matches_llm_chat(llm: LLM, client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    ref = llm.chat(messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
+    ref = on_worker(llm.chat, messages, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)[0]
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,  # type: ignore[arg-type]
                                        temperature=0)
     assert r.choices[0].message.content == ref.outputs[0].text

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tierserve.engine.llm_engine import EngineStats, LLMEngine
-from tierserve.errors import TierserveError
+from tierserve.errors import InvalidRequestError, TierserveError
 from tierserve.outputs import RequestOutput
 from tierserve.sampling_params import SamplingParams
 
@@ -34,8 +34,8 @@ class QueueFullError(TierserveError):
     """Too many sequences are waiting; the client should retry later."""
 
     def __init__(self, num_waiting: int, max_waiting: int) -> None:
-        super().__init__(f"the server is busy: {num_waiting} sequences are waiting (limit --max-waiting "
-                         f"{max_waiting}); retry later")
+        super().__init__(f"the server is busy: {num_waiting} sequence(s) waiting, the limit (--max-waiting) is "
+                         f"{max_waiting}; retry later")
         self.num_waiting = num_waiting
         self.max_waiting = max_waiting
 
@@ -53,12 +53,6 @@ class EngineRequest:
     params: SamplingParams
     arrival_time: float
     """``time.monotonic()`` when the HTTP request arrived (the clock of the engine's RequestMetrics)."""
-
-
-@dataclass
-class _Add:
-    request: EngineRequest
-    stream: RequestStream
 
 
 @dataclass
@@ -102,7 +96,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting = max_waiting
         self._cond = threading.Condition()
-        self._inbox: list[_Add | _Abort] = []
+        self._inbox: list[EngineRequest | _Abort] = []
         self._num_queued = 0
         """Sequences in the inbox or added since the last stats snapshot (guarded by _cond)."""
         self._stats = engine.stats()
@@ -131,27 +125,28 @@ class AsyncEngine:
         with self._cond:
             return self._stats
 
-    def num_waiting(self) -> int:
-        with self._cond:
-            return self._num_queued + self._stats.num_waiting
-
     def submit(self, requests: list[EngineRequest]) -> RequestStream:
         """Queue requests (all or none) and return the stream of their deltas.
 
-        Raises QueueFullError when the waiting queue is full and EngineDeadError when the engine is not running.
+        Raises QueueFullError when the waiting queue is full, EngineDeadError when the engine is not running and
+        InvalidRequestError when the request alone has more sequences (prompts x n) than the queue may hold.
         """
         if not self.is_alive:
             raise EngineDeadError("the engine is not running (stopped or failed; see the server log)")
-        stream = RequestStream(self, [r.request_id for r in requests])
+        num_seqs = sum(r.params.n for r in requests)
+        if num_seqs > self.max_waiting:
+            raise InvalidRequestError(f"the request has {num_seqs} sequences (prompts x n) but at most "
+                                      f"{self.max_waiting} may wait (--max-waiting); split it", param="n")
         with self._cond:
             waiting = self._num_queued + self._stats.num_waiting
             if waiting >= self.max_waiting:
                 raise QueueFullError(waiting, self.max_waiting)
-            self._num_queued += sum(r.params.n for r in requests)
-            self._inbox.extend(_Add(r, stream) for r in requests)
+            stream = RequestStream(self, [r.request_id for r in requests])
+            for r in requests:
+                self._streams[r.request_id] = stream
+            self._num_queued += num_seqs
+            self._inbox.extend(requests)
             self._cond.notify()
-        for r in requests:
-            self._streams[r.request_id] = stream
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
@@ -175,10 +170,7 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        error = EngineDeadError("the server is shutting down; the request was aborted")
-        for stream in set(self._streams.values()):
-            stream.put(error)
-        self._streams.clear()
+        self.abort_all()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -210,7 +202,7 @@ class AsyncEngine:
                     ops, self._inbox = self._inbox, []
                     stopping = self._stopping
                 if stopping:
-                    self._abort_all()
+                    self._stop_engine()
                     return
                 num_added = self._apply(ops)
                 outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
@@ -227,7 +219,7 @@ class AsyncEngine:
                 self._error = e
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine failed: {e!r}"))
 
-    def _apply(self, ops: list[_Add | _Abort]) -> int:
+    def _apply(self, ops: list[EngineRequest | _Abort]) -> int:
         """Apply queued adds and aborts in order; returns the number of sequences added."""
         num_added = 0
         assert self._loop is not None
@@ -237,17 +229,17 @@ class AsyncEngine:
                     self._live.discard(op.request_id)
                     self.engine.abort(op.request_id)
                 continue
-            r = op.request
-            num_added += r.params.n
+            num_added += op.params.n
             try:
-                self.engine.add_request(r.request_id, r.prompt_token_ids, r.params, arrival_time=r.arrival_time)
+                self.engine.add_request(op.request_id, op.prompt_token_ids, op.params, arrival_time=op.arrival_time)
             except TierserveError as e:
-                self._loop.call_soon_threadsafe(self._fail, r.request_id, e)
+                self._loop.call_soon_threadsafe(self._fail, op.request_id, e)
             else:
-                self._live.add(r.request_id)
+                self._live.add(op.request_id)
         return num_added
 
-    def _abort_all(self) -> None:
+    def _stop_engine(self) -> None:
+        """Abort every request in the engine (the inbox is dropped) so that no KV block stays allocated."""
         for rid in self._live:
             self.engine.abort(rid)
         self._live.clear()

@@ -51,7 +51,6 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
-    user: str | None = None
 
     def _check_common(self) -> None:
         if self.logit_bias:
