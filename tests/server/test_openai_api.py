@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.server.server_process import MAX_MODEL_LEN, ServerProcess
 
 MODEL = "smollm2-135m"
 PROMPT = "The capital of France is"
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colors."}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "system", "content": "You are terse."},
+                                          {"role": "user", "content": "Name three colors."}]
 
 
 def _stream_completion_texts(client: openai.OpenAI, **kwargs: object) -> dict[int, str]:
@@ -45,10 +47,10 @@ def test_completion_stream_equals_non_stream_with_seed(client: openai.OpenAI) ->
 
 
 def test_chat_stream_equals_non_stream_with_seed(client: openai.OpenAI) -> None:
-    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=12, temperature=0.8, seed=7)
-    whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0.8, seed=7)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, temperature=0.8, seed=7,
+                                                 stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -70,11 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     state = ServerState(async_engine, ServerMetrics(async_engine.stats, config.served_model_names[0]),
                         config.served_model_names)
     app = build_app(state, config.api_key)
+    cancel_after = math.ceil(config.shutdown_timeout + _CANCEL_AFTER_ABORT_S)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_config=None, access_log=False,
-                                    timeout_graceful_shutdown=config.shutdown_timeout + _CANCEL_AFTER_ABORT_S)
+                                    timeout_graceful_shutdown=cancel_after)
     server = GracefulServer(uvicorn_config, config.shutdown_timeout, async_engine.abort_all)
-    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", config.served_model_names[0], config.host,
-                config.port)
+    logger.info("starting the server for %s on http://%s:%d (OpenAI API under /v1)", config.served_model_names[0],
+                config.host, config.port)
     server.run()
     logger.info("server stopped")
     return 0

@@ -62,7 +62,7 @@ class _SamplingFields(_Body):
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
     def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        optional = {
+        optional: dict[str, Any] = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
