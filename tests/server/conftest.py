@@ -6,6 +6,7 @@ tests that need other flags (API key, a tiny queue, a short context) start their
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import openai
@@ -22,7 +23,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = ServerProcess(["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE],
                         log)
     yield srv
-    srv.stop()
+    status = srv.stop(signal.SIGINT)
+    assert status == 0, f"the server exited with {status} on SIGINT:\n{srv.log()[-2000:]}"
 
 
 @pytest.fixture(scope="session")

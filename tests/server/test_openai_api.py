@@ -3,6 +3,8 @@ stop strings, seeds), plus /v1/models, /tokenize and /detokenize."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
@@ -44,6 +46,19 @@ def test_completion_stream_equals_non_stream_with_seed(client: openai.OpenAI) ->
     streamed = _stream_completion_texts(client, **kwargs)
     assert [c.text for c in whole.choices] == [c.text for c in again.choices]  # seed reproducibility
     assert streamed == {c.index: c.text for c in whole.choices}
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 3 and chunks[-1].usage.prompt_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_idle_server_uses_no_cpu(server: ServerProcess) -> None:
+    """The engine thread sleeps when there is no work: no busy polling."""
+    time.sleep(1.0)  # let torch's worker threads stop spinning after the last request
+    before = server.cpu_seconds()
+    time.sleep(2.0)
+    assert server.cpu_seconds() - before < 0.1
 
 
 def test_chat_stream_equals_non_stream_with_seed(client: openai.OpenAI) -> None:

@@ -117,10 +117,11 @@ class ChatMessage(_Body):
     content: str | list[TextPart] | None = None
 
     def to_template(self) -> dict[str, Any]:
-        """The message as the chat template expects it (``developer`` is OpenAI's new name for ``system``)."""
+        """The message as the chat template expects it: text parts joined by newlines (as vLLM does), and
+        ``developer`` (OpenAI's new name for ``system``) as ``system``."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(p.text for p in content)
+            content = "\n".join(p.text for p in content)
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
