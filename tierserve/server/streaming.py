@@ -53,7 +53,7 @@ def sse_response(events: Callable[[], AsyncIterator[str]], on_close: Callable[[]
                 yield event
         except Exception as e:
             err = APIError.from_exception(e)
-            logger.warning("stream ended by an error: %s", err.message)
+            logger.warning("stream ended by an error: %s", err.message, exc_info=err.status == 500)
             yield sse(err.body())
         yield DONE
 
