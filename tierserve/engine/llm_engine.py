@@ -16,7 +16,7 @@ from tierserve.config import EngineConfig
 from tierserve.core.kv_cache_manager import KVCacheManager
 from tierserve.core.scheduler import Scheduler, SchedulerOutput
 from tierserve.engine.detokenizer import IncrementalDetokenizer
-from tierserve.errors import InvalidRequestError, PromptTooLongError
+from tierserve.errors import InvalidRequestError, OutOfKVCacheMemoryError, PromptTooLongError
 from tierserve.model_executor.loaders import load_checkpoint
 from tierserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
 from tierserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -70,6 +70,16 @@ class LLMEngine:
                                   self.max_model_len, config.attention_backend)
         del ckpt
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if self.max_model_len > capacity:
+            if config.max_model_len is not None:
+                raise OutOfKVCacheMemoryError(
+                    f"--max-model-len {self.max_model_len} needs {self.max_model_len} tokens of KV cache but "
+                    f"--kv-cache-memory holds {capacity} tokens; raise --kv-cache-memory or lower --max-model-len")
+            logger.warning("the KV cache holds %d tokens, less than the model's context of %d: capping "
+                           "max_model_len to %d (raise --kv-cache-memory for more)", capacity, self.max_model_len,
+                           capacity)
+            self.max_model_len = capacity
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids)
         self._parents: dict[str, _Parent] = {}

@@ -123,7 +123,8 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         q = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(reqs) if r.generator is None and not greedy[i]]
         if unseeded:
-            q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+            rows = torch.tensor(unseeded, device=probs.device)
+            q.index_copy_(0, rows, torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_())
         for i, r in enumerate(reqs):
             if r.generator is not None and not greedy[i]:
                 row = torch.empty(probs.shape[1], device="cpu").exponential_(generator=r.generator)

@@ -35,7 +35,8 @@ class TorchAttentionBackend:
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """[nblocks, bs, Hkv, D] gathered by [B, max_blocks] -> [B, Hkv, max_blocks * bs, D]."""
         b, nb = block_tables.shape
-        x = cache[block_tables].view(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
+        x = cache.index_select(0, block_tables.reshape(-1))
+        x = x.view(b, nb * self.block_size, self.num_kv_heads, self.head_dim)
         return x.transpose(1, 2)
 
     def forward(
@@ -96,7 +97,7 @@ class TorchAttentionBackend:
         ar = torch.arange(max_q, device=device)
         valid = ar[None, :] < qlen_t[:, None]  # [B, max_q]
         src = (starts[:, None] + ar[None, :]).clamp(max=q.shape[0] - 1)
-        qp = q[src]  # [B, max_q, H, D]
+        qp = q.index_select(0, src.reshape(-1)).view(b, max_q, self.num_heads, self.head_dim)
         keys = self._gather(k_cache, meta.prefill_block_tables)
         values = self._gather(v_cache, meta.prefill_block_tables)
         max_len = keys.shape[2]
@@ -107,5 +108,6 @@ class TorchAttentionBackend:
         o = F.scaled_dot_product_attention(
             qp.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=self.scale, enable_gqa=True
         )  # [B, H, max_q, D]
-        o = o.transpose(1, 2)  # [B, max_q, H, D]
-        return o[valid]
+        o = o.transpose(1, 2).reshape(b * max_q, self.num_heads, self.head_dim)
+        keep = torch.cat([torch.arange(r * max_q, r * max_q + n) for r, n in enumerate(qlens)]).to(device)
+        return o.index_select(0, keep)

@@ -94,10 +94,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """-> float32 logits [len(logits_indices), vocab]."""
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.cos[positions], self.sin[positions]
+        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, attn, cache, meta)
-        x = rms_norm(x[logits_indices], self.norm, self.cfg.rms_norm_eps)
+        x = rms_norm(x.index_select(0, logits_indices), self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()
 

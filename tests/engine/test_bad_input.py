@@ -1,0 +1,91 @@
+"""Bar 3: bad input gets a clear, typed error naming the value and the limit."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tierserve import LLM, SamplingParams
+from tierserve.errors import InvalidRequestError, InvalidSamplingParamsError, ModelLoadError, PromptTooLongError
+from tierserve.model_executor.loaders import load_checkpoint
+
+
+def test_empty_prompt(llm_fp32: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm_fp32.generate([""], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm_fp32.generate([[]], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_prompt_over_context(llm_fp32: LLM) -> None:
+    limit = llm_fp32.engine.max_model_len
+    with pytest.raises(PromptTooLongError, match=str(limit)):
+        llm_fp32.generate([[1] * (limit + 5)], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(PromptTooLongError, match=f"{limit - 10} in the prompt, 100 in the completion"):
+        llm_fp32.generate([[1] * (limit - 10)], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert not llm_fp32.engine.has_unfinished_requests()  # nothing was queued
+
+
+def test_request_larger_than_whole_cache() -> None:
+    llm = LLM(dtype="float32", num_kv_blocks=4, block_size=16)
+    with pytest.raises(PromptTooLongError, match="64 tokens"):
+        llm.generate([[1] * 60], SamplingParams(max_tokens=10), use_tqdm=False)
+
+
+def test_out_of_vocab_token(llm_fp32: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="out of range"):
+        llm_fp32.generate([[1, 10**7]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"presence_penalty": math.inf}, "presence_penalty"),
+        ({"frequency_penalty": -3.0}, "frequency_penalty"),
+        ({"n": 0}, "n"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
+def test_invalid_sampling_params(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidSamplingParamsError) as e:
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert e.value.param == field
+    assert field in str(e.value)
+
+
+def test_unknown_model_path() -> None:
+    with pytest.raises(ModelLoadError, match="neither a known name"):
+        load_checkpoint("/nonexistent/model.gguf", dtype=__import__("torch").float32)
+
+
+def test_corrupt_and_truncated_gguf(tmp_path: Path, gguf_path: Path) -> None:
+    import torch
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+        load_checkpoint(str(garbage), torch.float32)
+    truncated = tmp_path / "truncated.gguf"
+    with gguf_path.open("rb") as src, truncated.open("wb") as dst:
+        dst.write(src.read(3_000_000))  # header and part of the tensors
+    with pytest.raises(ModelLoadError, match="truncated|corrupt|not a readable"):
+        load_checkpoint(str(truncated), torch.float32)
+    empty_dir = tmp_path / "hf"
+    empty_dir.mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_checkpoint(str(empty_dir), torch.float32)
+    shutil.rmtree(empty_dir)
