@@ -29,7 +29,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length limit (default: the model's own)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one engine step; longer prompts are prefilled in chunks (default: %(default)s)")
+                   help="token budget of one engine step; longer prompts are prefilled in chunks "
+                        "(default: %(default)s)")
     g.add_argument("--max-num-seqs", type=int, default=128,
                    help="most requests running at once (default: %(default)s)")
     g.add_argument("--attention-backend", default="torch", help="attention backend (default: %(default)s)")

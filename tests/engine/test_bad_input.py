@@ -82,10 +82,10 @@ def test_corrupt_and_truncated_gguf(tmp_path: Path, gguf_path: Path) -> None:
     truncated = tmp_path / "truncated.gguf"
     with gguf_path.open("rb") as src, truncated.open("wb") as dst:
         dst.write(src.read(3_000_000))  # header and part of the tensors
-    with pytest.raises(ModelLoadError, match="truncated|corrupt|not a readable"):
+    with pytest.raises(ModelLoadError, match=r"truncated|corrupt|not a readable"):
         load_checkpoint(str(truncated), torch.float32)
     empty_dir = tmp_path / "hf"
     empty_dir.mkdir()
-    with pytest.raises(ModelLoadError, match="config.json"):
+    with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_checkpoint(str(empty_dir), torch.float32)
     shutil.rmtree(empty_dir)

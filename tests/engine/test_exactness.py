@@ -60,8 +60,8 @@ def test_chunked_prefill(llm_fp32: LLM, prompt_ids: list[list[int]], references:
 
 
 def test_preemption(prompt_ids: list[list[int]], references: list[Generated]) -> None:
-    # 110 blocks x 16 tokens = 1760 tokens: the longest request (1480 + 64) fits alone, the batch does not.
-    llm = LLM(dtype="float32", num_kv_blocks=110, max_num_batched_tokens=512)
+    # 140 blocks x 16 tokens = 2240 tokens: the longest request (1480 + 64) fits alone, the batch (~3700) does not.
+    llm = LLM(dtype="float32", num_kv_blocks=140, max_num_batched_tokens=512)
     outs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
     print(f"preemptions: {llm.engine.scheduler.num_preemptions}")

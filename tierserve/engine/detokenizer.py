@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tierserve.tokenizer import TokenizerWrapper
 
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: TokenizerWrapper, stop: list[str], include_stop: bool, skip_special: bool) -> None:
         self.tok = tokenizer

@@ -15,4 +15,4 @@ def get_backend(name: str) -> type[AttentionBackend]:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}") from None
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend", "BACKENDS"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "get_backend"]

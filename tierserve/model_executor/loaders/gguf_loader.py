@@ -133,7 +133,7 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, to
         arr = np.asarray(arr)
         if arr.size != int(np.prod(shape)):
             raise ModelLoadError(f"{path}: tensor {t.name} has {arr.size} values, expected shape {shape}")
-        w = torch.from_numpy(arr.astype(np.float32, copy=False).reshape(shape))
+        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
         if cfg.architecture in ("llama", "mistral"):
             if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
                 w = _unpermute(w, cfg.num_heads)

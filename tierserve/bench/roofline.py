@@ -1,0 +1,115 @@
+"""Roofline of a model on this machine: measured GEMM peak and memory bandwidth, FLOPs and bytes per step.
+
+A step costs at least max(FLOPs / peak, bytes / bandwidth). FLOPs count every linear layer for every token computed
+(the LM head only at sampled positions) plus attention (QK^T and PV: 4 · heads · head_dim · context per query token
+per layer). Bytes count the weights read once per step plus the KV cache read by attention. See docs/roofline.md.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tierserve.config import ModelConfig
+
+
+@dataclass
+class MachinePeaks:
+    gemm_tflops_bf16: float
+    gemm_tflops_fp32: float
+    mem_read_gbps: float
+    threads: int
+
+    def gemm_tflops(self, dtype: torch.dtype) -> float:
+        return self.gemm_tflops_fp32 if dtype == torch.float32 else self.gemm_tflops_bf16
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _median_time(fn: object, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()  # type: ignore[operator]
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_peaks(n: int = 2048, reps: int = 5) -> MachinePeaks:
+    """GEMM n³ in bf16 and fp32 and a streaming read of 1 GiB, medians of ``reps`` (after one warm-up)."""
+    out = {}
+    for dt in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        a @ b
+        out[dt] = 2 * n**3 / _median_time(lambda a=a, b=b: a @ b, reps) / 1e12
+        del a, b
+    x = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
+    x.sum()
+    bw = x.numel() * 4 / _median_time(x.sum, reps) / 1e9
+    return MachinePeaks(out[torch.bfloat16], out[torch.float32], bw, torch.get_num_threads())
+
+
+@dataclass
+class ModelCost:
+    """Per-token costs of one model in one dtype."""
+
+    linear_params: int
+    """Parameters of the linear layers run for every token (all layers' projections)."""
+    head_params: int
+    weight_bytes: int
+    """All weights read by one step (layers + norms + LM head)."""
+    kv_bytes_per_token: int
+    """KV cache bytes of one token over all layers."""
+    attn_flops_per_ctx: int
+    """Attention FLOPs of one query token per token of context, over all layers."""
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype) -> ModelCost:
+        h, d = cfg.hidden_size, cfg.head_dim
+        qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        per_layer = qkv + cfg.num_heads * d * h + 3 * h * cfg.intermediate_size
+        linear = per_layer * cfg.num_layers
+        head = cfg.vocab_size * h
+        esize = torch.empty((), dtype=dtype).element_size()
+        weights = (linear + head + (2 * cfg.num_layers + 1) * h) * esize
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * d * esize
+        return cls(linear, head, weights, kv, 4 * cfg.num_layers * cfg.num_heads * d)
+
+    def step_seconds(self, peaks: MachinePeaks, dtype: torch.dtype, num_tokens: int, num_sampled: int,
+                     attn_ctx_tokens: int, kv_read_tokens: int) -> float:
+        """Lower bound of one step: ``num_tokens`` computed, ``num_sampled`` logits rows, ``attn_ctx_tokens`` =
+        sum over query tokens of their context length, ``kv_read_tokens`` = cached tokens read."""
+        flops = 2 * self.linear_params * num_tokens + 2 * self.head_params * num_sampled
+        flops += self.attn_flops_per_ctx * attn_ctx_tokens
+        nbytes = self.weight_bytes + self.kv_bytes_per_token * kv_read_tokens
+        return max(flops / (peaks.gemm_tflops(dtype) * 1e12), nbytes / (peaks.mem_read_gbps * 1e9))
+
+
+def offline_roofline_seconds(cost: ModelCost, peaks: MachinePeaks, dtype: torch.dtype, num_prompts: int,
+                             prompt_len: int, output_len: int, max_num_seqs: int, token_budget: int) -> float:
+    """Ideal schedule of the offline batch: prefill every prompt in chunks of ``token_budget`` tokens, then decode
+    all sequences together (``max_num_seqs`` at a time), each step at its roofline."""
+    total = 0.0
+    waves = [min(max_num_seqs, num_prompts - i) for i in range(0, num_prompts, max_num_seqs)]
+    for batch in waves:
+        prefill_tokens = batch * prompt_len
+        ctx = batch * prompt_len * (prompt_len + 1) // 2  # causal: query i sees i + 1 tokens
+        chunks = max(1, -(-prefill_tokens // token_budget))
+        for c in range(chunks):
+            n = min(token_budget, prefill_tokens - c * token_budget)
+            last = c == chunks - 1
+            total += cost.step_seconds(peaks, dtype, n, batch if last else 0, ctx * n // prefill_tokens,
+                                       prompt_len * batch // chunks)
+        for step in range(output_len - 1):  # the first token comes from the prefill's logits
+            length = prompt_len + step + 1
+            total += cost.step_seconds(peaks, dtype, batch, batch, batch * length, batch * length)
+    return total
+
+
+def decode_bandwidth_roofline_s(cost: ModelCost, peaks: MachinePeaks) -> float:
+    """One stream's decode step at the bandwidth roofline: every weight byte read once per token."""
+    return cost.weight_bytes / (peaks.mem_read_gbps * 1e9)
