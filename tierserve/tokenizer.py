@@ -105,7 +105,7 @@ def tokenizer_from_gguf(reader: Any) -> TokenizerWrapper:
     types: list[int] = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    merges: list[tuple[str, str]] = [(a, b) for a, b in (m.split(" ", 1) for m in merges_raw)]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     pattern = _PRE_PATTERNS.get(pre, _GPT2_PAT)

@@ -16,150 +16,33 @@ error and the others still run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tierserve.bench.peers import Peer, PeerError, PeerSettings, make_peer, peer_names, peers_dir
-from tierserve.bench.peers.base import free_port, tail
-from tierserve.bench.peers.machine import CpuAccount, cpu_description, wait_for_idle
+from tierserve.bench.peers import peer_names, peers_dir
+from tierserve.bench.peers.machine import cpu_description, wait_for_idle
 from tierserve.bench.peers.offline import OfflineSpec, run_offline_peer
 from tierserve.bench.peers.report import offline_markdown, plot_offline, plot_serve, serve_markdown
+from tierserve.bench.peers.serving import (
+    DEFAULT_PEERS,
+    CompareConfig,
+    prepare,
+    requests_per_level,
+    serve_peer,
+    workload_slices,
+)
 from tierserve.bench.peers.transformers_peer import fastest_dtype
 from tierserve.bench.peers.weights import model_dir
 from tierserve.bench.report import write_json
-from tierserve.bench.runner import BenchConfig, run_benchmark
-from tierserve.bench.workloads import Workload, WorkloadConfig, build_workload
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PEERS = "tierserve,llamacpp,vllm,transformers"
-
-
-@dataclass
-class CompareConfig:
-    """One `bench compare` invocation; ``num_requests`` None = ``auto_num_requests`` per concurrency."""
-
-    peers: list[str] = field(default_factory=lambda: DEFAULT_PEERS.split(","))
-    model: str = "smollm2-135m"
-    threads: int = 2
-    workload: str = "random"
-    input_len: int = 200
-    output_len: int = 128
-    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16])
-    num_requests: list[int] | None = None
-    seed: int = 0
-    output_dir: Path = Path("bench_results/compare")
-    install: bool = False
-    idle_min: float = 0.9
-    idle_timeout_s: float = 180.0
-    start_timeout_s: float = 600.0
-    request_timeout_s: float = 600.0
-
-    def settings(self) -> PeerSettings:
-        slot = self.input_len + self.output_len
-        return PeerSettings(model=self.model, threads=self.threads, num_slots=max(self.concurrency),
-                            slot_context=max(512, -(-(slot + 64) // 64) * 64))
-
-
-def auto_num_requests(concurrency: int) -> int:
-    """Measured requests at a concurrency: at least 8, and 3 full waves so the steady state dominates."""
-    return max(8, 3 * concurrency)
-
-
-def requests_per_level(cfg: CompareConfig) -> list[int]:
-    if cfg.num_requests is None:
-        return [auto_num_requests(c) for c in cfg.concurrency]
-    if len(cfg.num_requests) == 1:
-        return cfg.num_requests * len(cfg.concurrency)
-    if len(cfg.num_requests) != len(cfg.concurrency):
-        raise ValueError(f"--num-requests gives {len(cfg.num_requests)} values for {len(cfg.concurrency)} "
-                         "concurrencies; give one value or one per concurrency")
-    return cfg.num_requests
-
-
-def workload_slices(cfg: CompareConfig) -> dict[int, tuple[Workload, Workload]]:
-    """Per concurrency: (warm-up wave of ``concurrency`` requests, measured requests), all prompts distinct."""
-    wcfg = WorkloadConfig(name=cfg.workload, tokenizer=cfg.model, input_len=cfg.input_len, output_len=cfg.output_len)
-    counts = requests_per_level(cfg)
-    full = build_workload(wcfg, sum(counts) + sum(cfg.concurrency), cfg.seed)
-    out, at = {}, 0
-    for conc, n in zip(cfg.concurrency, counts, strict=True):
-        warm = Workload(full.name, full.sessions[at:at + conc], None, dict(full.info))
-        measured = Workload(full.name, full.sessions[at + conc:at + conc + n], None, dict(full.info))
-        out[conc], at = (warm, measured), at + conc + n
-    return out
-
-
-def prepare(name: str, settings: PeerSettings, install: bool) -> tuple[Peer | None, str | None]:
-    """The peer and why it cannot run (``None`` = ready), installing it first when asked."""
-    try:
-        peer = make_peer(name, settings)
-    except ValueError as e:
-        return None, str(e)
-    reason = peer.unavailable_reason()
-    if reason is not None and install:
-        t0 = time.monotonic()
-        print(f"installing {peer.name} into {settings.root} ...", file=sys.stderr, flush=True)
-        try:
-            peer.install()
-            reason = peer.unavailable_reason()
-        except (PeerError, OSError) as e:
-            reason = f"install failed: {e}"
-        print(f"  {peer.name}: {'ready' if reason is None else reason} ({time.monotonic() - t0:.0f} s)",
-              file=sys.stderr, flush=True)
-    return peer, reason
-
-
-def _bench_config(cfg: CompareConfig, port: int, conc: int, n: int, label: str) -> BenchConfig:
-    wcfg = WorkloadConfig(name=cfg.workload, tokenizer=cfg.model, input_len=cfg.input_len, output_len=cfg.output_len)
-    return BenchConfig(base_url=f"http://127.0.0.1:{port}", workload=wcfg, num_requests=n, max_concurrency=conc,
-                       seed=cfg.seed, num_warmups=0, request_timeout=cfg.request_timeout_s, disable_tqdm=True,
-                       label=label)
-
-
-def serve_peer(peer: Peer, cfg: CompareConfig, slices: dict[int, tuple[Workload, Workload]],
-               out_dir: Path) -> dict[str, Any]:
-    """Start ``peer``, run every concurrency level against it, stop it; its entry for ``compare.json``."""
-    entry: dict[str, Any] = {"peer": peer.name, "status": "ok", **peer.describe(), "points": []}
-    idle = wait_for_idle(cfg.idle_min, timeout_s=cfg.idle_timeout_s)
-    port = free_port()
-    proc = peer.start(port, cfg.threads, out_dir / "logs" / f"{peer.name}.log")
-    entry["log"] = str(peer.log_path)
-    try:
-        entry["startup_s"] = peer.wait_healthy(port, cfg.start_timeout_s)
-        print(f"{peer.name}: healthy after {entry['startup_s']:.1f} s", file=sys.stderr, flush=True)
-        for i, conc in enumerate(cfg.concurrency):
-            if i > 0:
-                idle = wait_for_idle(cfg.idle_min, timeout_s=cfg.idle_timeout_s)
-            warm, measured = slices[conc]
-            label = f"{peer.name}_c{conc}"
-            asyncio.run(run_benchmark(_bench_config(cfg, port, conc, warm.num_requests, label + "_warmup"), warm))
-            account = CpuAccount(proc.pid)
-            res = asyncio.run(run_benchmark(_bench_config(cfg, port, conc, measured.num_requests, label), measured))
-            result = res.to_json()
-            path = write_json(result, out_dir / peer.name / f"result_c{conc}.json")
-            point = {"concurrency": conc, "num_requests": measured.num_requests, "summary": result["summary"],
-                     "idle_before": idle.to_json(), "cpu": account.finish(), "result_file": str(path)}
-            entry["points"].append(point)
-            sm = result["summary"]
-            print(f"{peer.name} c={conc}: {sm['output_throughput']:.1f} out tok/s, {sm['completed']} ok, "
-                  f"{sm['failed']} failed", file=sys.stderr, flush=True)
-            if proc.poll() is not None:
-                raise PeerError(f"{peer.name} exited (code {proc.returncode}) during the run at concurrency {conc}; "
-                                f"log: {peer.log_path}\n{tail(peer.log_path) if peer.log_path else ''}")
-    except PeerError as e:
-        entry.update(status="crashed", error=str(e))
-    finally:
-        peer.stop()
-    return entry
-
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Served comparison; writes and returns ``compare.json``'s content."""
@@ -268,7 +151,9 @@ def register(sub: Any) -> None:
     p.add_argument("--install-only", action="store_true", help="install the peers, report, and exit")
     p.add_argument("--check", action="store_true", help="say which peers are ready, and exit")
     p.add_argument("--idle-min", type=float, default=0.9, help="CPU idle fraction to wait for before each run")
-    p.add_argument("--idle-timeout", type=float, default=180.0, help="seconds to wait for it, then run anyway")
+    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds to wait for it, then run anyway")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="measure a level again (fresh prompts) while other processes took > 10%% of the CPU")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to be healthy")
     o = p.add_argument_group("offline mode")
     o.add_argument("--offline", action="store_true", help="offline batch through each engine's LLM.generate")
@@ -286,7 +171,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         peers=args.peers, model=args.model, threads=args.threads, workload=args.workload, input_len=args.input_len,
         output_len=args.output_len, concurrency=args.max_concurrency, num_requests=args.num_requests,
         seed=args.seed, install=args.install or args.install_only, idle_min=args.idle_min,
-        idle_timeout_s=args.idle_timeout, start_timeout_s=args.start_timeout,
+        idle_timeout_s=args.idle_timeout, max_retries=args.max_retries, start_timeout_s=args.start_timeout,
         output_dir=Path(args.output_dir or f"bench_results/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
     if args.check or args.install_only:
         for name in cfg.peers:
@@ -298,6 +183,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # so that `finally` stops the server under test
+    try:
+        return _run(args, cfg)
+    except KeyboardInterrupt:
+        print(f"interrupted; partial results in {cfg.output_dir}/", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args: argparse.Namespace, cfg: CompareConfig) -> int:
     if args.offline:
         spec = OfflineSpec(model=cfg.model, model_dir=str(model_dir(cfg.settings())), dtype=fastest_dtype(),
                            threads=cfg.threads, num_prompts=args.num_prompts, prompt_len=args.prompt_len,

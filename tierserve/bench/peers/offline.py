@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import statistics
 import subprocess
 import time
@@ -85,9 +87,11 @@ def run_offline_peer(peer: Peer, spec_path: Path, out_dir: Path, threads: int, i
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
             rc = None
+        finally:  # also on Ctrl-C: the engine runs in its own session and would outlive us
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     entry["cpu"] = account.finish()
     entry["wall_s"] = time.monotonic() - t0
     if rc != 0 or not out_path.exists():

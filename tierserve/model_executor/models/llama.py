@@ -6,6 +6,8 @@ runs only on the positions that are sampled (``logits_indices``). RMSNorm and lo
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,17 +30,16 @@ class LlamaLayer(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size = cfg.num_heads * d
         self.kv_size = cfg.num_kv_heads * d
-        e = dict(dtype=dtype)
-        self.input_norm = nn.Parameter(torch.empty(h, **e), requires_grad=False)
-        self.post_norm = nn.Parameter(torch.empty(h, **e), requires_grad=False)
-        self.qkv = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, h, **e), requires_grad=False)
+        self.input_norm = nn.Parameter(torch.empty(h, dtype=dtype), requires_grad=False)
+        self.post_norm = nn.Parameter(torch.empty(h, dtype=dtype), requires_grad=False)
+        self.qkv = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, h, dtype=dtype), requires_grad=False)
         self.qkv_bias = (
-            nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, **e), requires_grad=False)
+            nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, dtype=dtype), requires_grad=False)
             if cfg.attention_bias else None
         )
-        self.o_proj = nn.Parameter(torch.empty(h, self.q_size, **e), requires_grad=False)
-        self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h, **e), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size, **e), requires_grad=False)
+        self.o_proj = nn.Parameter(torch.empty(h, self.q_size, dtype=dtype), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, h, dtype=dtype), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(h, cfg.intermediate_size, dtype=dtype), requires_grad=False)
         self.eps = cfg.rms_norm_eps
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.inter = cfg.intermediate_size
@@ -68,6 +69,9 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -82,6 +86,9 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
 
+    def _layers(self) -> list[LlamaLayer]:
+        return [cast(LlamaLayer, m) for m in self.layers]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -95,7 +102,7 @@ class LlamaForCausalLM(nn.Module):
         """-> float32 logits [len(logits_indices), vocab]."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
-        for layer, cache in zip(self.layers, kv_caches):
+        for layer, cache in zip(self._layers(), kv_caches):
             x = layer(x, cos, sin, attn, cache, meta)
         x = rms_norm(x.index_select(0, logits_indices), self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
@@ -119,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         put(self.norm, take("model.norm.weight"), "model.norm.weight")
         if self.lm_head is not None:
             put(self.lm_head, take("lm_head.weight"), "lm_head.weight")
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self._layers()):
             p = f"model.layers.{i}."
             put(layer.input_norm, take(p + "input_layernorm.weight"), p + "input_layernorm.weight")
             put(layer.post_norm, take(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
