@@ -26,12 +26,19 @@ class WorkloadFileError(TierserveError, ValueError):
     """A workload, dataset or trace file that is missing or malformed; the message names the file and line."""
 
 
+# Where this project's machines keep the shared data when the checkout is not beside it (e.g. a CI clone elsewhere).
+_WORKPLACE_DATA = Path("/work/shared/data")
+
+
 def data_dir() -> Path:
-    """``$TIERSERVE_DATA_DIR``, else ``shared/data`` beside the repository root."""
+    """``$TIERSERVE_DATA_DIR``, else ``shared/data`` beside the repository root, else the workplace's copy."""
     env = os.environ.get("TIERSERVE_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    if not beside.is_dir() and _WORKPLACE_DATA.is_dir():
+        return _WORKPLACE_DATA
+    return beside
 
 
 def data_file(path: str | Path | None, default: str) -> Path:
