@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tierserve.bench.compare import CompareConfig, auto_num_requests, requests_per_level
 from tierserve.bench.peers import PEERS, PeerSettings, make_peer, peers_dir
 from tierserve.bench.peers.base import Peer, PeerStartError, free_port
 from tierserve.bench.peers.llamacpp import server_flags
+from tierserve.bench.peers.serving import CompareConfig, auto_num_requests, requests_per_level
 from tierserve.bench.peers.vllm_cpu import TCMALLOC_LIB, VllmCpu, VllmCpuZen, cpu_list
 
 

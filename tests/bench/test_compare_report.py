@@ -29,8 +29,8 @@ def serve_data() -> dict[str, Any]:
         {"peer": "tierserve", "status": "ok", "version": "0.1.0", "startup_s": 3.0, "points": [
             {"concurrency": 1, "summary": summary(50.0)}, {"concurrency": 16, "summary": summary(300.0)}]},
         {"peer": "llamacpp-native", "status": "ok", "version": "b1", "startup_s": 1.0, "points": [
-            {"concurrency": 1, "summary": summary(100.0)}, {"concurrency": 16, "summary": summary(100.0)}],
-         },
+            {"concurrency": 1, "summary": summary(100.0)},
+            {"concurrency": 16, "summary": summary(100.0), "attempts": 2, "cpu": {"other_load_frac": 0.02}}]},
         {"peer": "vllm", "status": "crashed", "error": "exited (code 1)\nImportError: x", "points": [
             {"concurrency": 1, "summary": summary(25.0),
              "cpu": {"other_load_frac": 0.4}, "idle_before": {"ok": False, "idle_fraction": 0.3}}]},
@@ -71,6 +71,7 @@ def test_serve_table_names_failures_and_interference() -> None:
     assert "- vllm: **crashed**: exited (code 1)\n  ImportError: x" in md
     assert "- transformers: **unavailable**: not installed" in md
     assert "other processes took 40% of the CPU" in md and "still busy (30% idle)" in md
+    assert "llamacpp-native at concurrency 16: measured 2 times" in md and "(2% other load)" in md
 
 
 def test_serve_table_without_tierserve_has_no_ratios() -> None:

@@ -26,10 +26,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tierserve.bench.peers import peer_names, peers_dir
+from tierserve.bench.peers import Peer, peer_names, peers_dir
 from tierserve.bench.peers.machine import cpu_description, wait_for_idle
 from tierserve.bench.peers.offline import OfflineSpec, run_offline_peer
-from tierserve.bench.peers.report import offline_markdown, plot_offline, plot_serve, serve_markdown
+from tierserve.bench.peers.report import (
+    OTHER_LOAD_WARN,
+    offline_markdown,
+    plot_offline,
+    plot_serve,
+    serve_markdown,
+)
 from tierserve.bench.peers.serving import (
     DEFAULT_PEERS,
     CompareConfig,
@@ -80,14 +86,29 @@ def run_offline(cfg: CompareConfig, spec: OfflineSpec, timeout_s: float) -> dict
         if peer is None or reason is not None:
             data["peers"].append({"peer": name, "status": "unavailable", "error": reason})
             continue
-        idle = wait_for_idle(cfg.idle_min, timeout_s=cfg.idle_timeout_s)
-        print(f"offline: {peer.name} ...", file=sys.stderr, flush=True)
-        entry = run_offline_peer(peer, spec_path, out_dir, cfg.threads, idle, timeout_s)
-        print(f"offline: {peer.name}: {entry.get('output_throughput', entry.get('error'))}", file=sys.stderr,
-              flush=True)
-        data["peers"].append(entry)
+        data["peers"].append(offline_with_retries(peer, cfg, spec_path, timeout_s))
         _write(data, out_dir, "offline", offline_markdown, plot_offline)
     return data
+
+
+def offline_with_retries(peer: Peer, cfg: CompareConfig, spec_path: Path, timeout_s: float) -> dict[str, Any]:
+    """Run one engine's offline batch after an idle wait, again (``cfg.max_retries`` times at most) while other
+    processes took more than ``OTHER_LOAD_WARN`` of the CPU; keeps the least disturbed attempt."""
+    best: dict[str, Any] | None = None
+    for attempt in range(1 + cfg.max_retries):
+        idle = wait_for_idle(cfg.idle_min, timeout_s=cfg.idle_timeout_s)
+        print(f"offline: {peer.name} ...", file=sys.stderr, flush=True)
+        entry = run_offline_peer(peer, spec_path, cfg.output_dir, cfg.threads, idle, timeout_s)
+        other = (entry.get("cpu") or {}).get("other_load_frac", 0.0)
+        print(f"offline: {peer.name}: {entry.get('output_throughput', entry.get('error'))} output tok/s, "
+              f"other load {100 * other:.0f}%", file=sys.stderr, flush=True)
+        if best is None or (entry["status"] == "ok" and other < (best.get("cpu") or {}).get("other_load_frac", 0.0)):
+            best = entry
+        best["attempts"] = attempt + 1
+        if entry["status"] != "ok" or other <= OTHER_LOAD_WARN:
+            break
+    assert best is not None, "at least one attempt runs"
+    return best
 
 
 def _settings_json(cfg: CompareConfig) -> dict[str, Any]:

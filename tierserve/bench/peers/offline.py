@@ -99,5 +99,6 @@ def run_offline_peer(peer: Peer, spec_path: Path, out_dir: Path, threads: int, i
         entry.update(status="crashed", error=f"{why}; log {log_path}:\n{tail(log_path, 12)}")
         return entry
     raw = json.loads(out_path.read_text())
+    raw["reported_version"] = raw.pop("version", None)  # describe()'s version names the package too
     entry.update(status="ok", **raw, **summarize_runs(raw))
     return entry

@@ -84,6 +84,9 @@ def _load_notes(peers: list[dict[str, Any]]) -> list[str]:
             if cpu.get("other_load_frac", 0.0) > OTHER_LOAD_WARN:
                 notes.append(f"- {label}: other processes took {100 * cpu['other_load_frac']:.0f}% of the CPU "
                              "during the run; its figures are low by up to that much")
+            if point.get("attempts", 1) > 1:
+                notes.append(f"- {label}: measured {point['attempts']} times (other load); the least disturbed "
+                             f"attempt is shown ({100 * cpu.get('other_load_frac', 0.0):.0f}% other load)")
             if idle and not idle.get("ok", True):
                 notes.append(f"- {label}: the machine was still busy ({100 * (idle.get('idle_fraction') or 0):.0f}% "
                              f"idle) when the run started")
