@@ -2,10 +2,9 @@
 
 import os
 
-# OpenMP threads that spin while waiting stall every parallel op for a scheduler tick as soon as another process
-# (a benchmark client, a tokenizer thread) takes a core: measured 150-195 ms vs 54 ms per decode step on 2 busy
-# cores. Passive waiting costs little on an idle machine. Must be set before torch loads libgomp; the user's own
-# setting wins.
+# OpenMP threads that spin while waiting stall parallel ops badly as soon as another process (a benchmark client)
+# takes a core; passive waiting avoids that at some cost on an idle machine (BENCHMARKS.md). Must be set before
+# torch loads libgomp; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tierserve.engine.llm import LLM

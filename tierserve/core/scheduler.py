@@ -81,7 +81,6 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self.policy.key)
-        scheduled_ids: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -97,7 +96,6 @@ class Scheduler:
             if req.status is RequestStatus.PREEMPTED:
                 break  # req was the lowest-priority one left: nothing after it can run either
             out.scheduled.append(ScheduledRequest(req, num_new))
-            scheduled_ids.add(req.request_id)
             budget -= num_new
             i += 1
         if not out.preempted:
