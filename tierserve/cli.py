@@ -33,7 +33,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--max-num-seqs", type=int, default=128,
                    help="most requests running at once (default: %(default)s)")
-    g.add_argument("--attention-backend", default="torch", help="attention backend (default: %(default)s)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch"],
+                   help="attention kernels: cpu = native paged kernels built on first use (K/V read in place), "
+                        "torch = plain torch ops (reference; any device), auto = cpu on a CPU where the kernels "
+                        "build, else torch (default: %(default)s)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="order of admission and preemption (default: %(default)s)")
 

@@ -78,7 +78,7 @@ class EngineConfig:
     device: str = "cpu"
     threads: int | None = None
     max_model_len: int | None = None
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -68,3 +68,10 @@ def test_preemption(prompt_ids: list[list[int]], references: list[Generated]) ->
     _check("preemption", references, outs)
     llm.engine.kv.pool.check_integrity()
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.kv.num_blocks
+
+
+def test_torch_attention_backend(prompt_ids: list[list[int]], references: list[Generated]) -> None:
+    """The plain-torch backend (the reference for the native kernels, and the one CUDA runs) is exact too."""
+    llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="torch")
+    assert llm.engine.runner.attention_backend == "torch"
+    _check("torch attention backend", references, llm.generate(prompt_ids, GREEDY, use_tqdm=False))

@@ -36,7 +36,7 @@ class LLM:
         max_model_len: int | None = None,
         threads: int | None = None,
         device: str = "cpu",
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
         scheduling_policy: str = "fcfs",
     ) -> None:
         config = EngineConfig(

@@ -15,7 +15,7 @@ import torch
 from tierserve.config import CacheConfig, ModelConfig
 from tierserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from tierserve.errors import OutOfKVCacheMemoryError
-from tierserve.model_executor.attention import AttentionMetadata, get_backend
+from tierserve.model_executor.attention import AttentionMetadata, get_backend, resolve_backend_name
 from tierserve.model_executor.models.llama import LlamaForCausalLM
 from tierserve.model_executor.sampler import SamplerOutput, sample
 from tierserve.request import Request
@@ -38,7 +38,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         max_model_len: int,
-        attention_backend: str = "torch",
+        attention_backend: str = "auto",
     ) -> None:
         self.cfg = model_config
         self.device = device
@@ -46,7 +46,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.model = LlamaForCausalLM(model_config, dtype, max_model_len).to(device)
         self.model.load_weights(tensors)
-        self.attn = get_backend(attention_backend)(
+        self.attention_backend = resolve_backend_name(attention_backend, str(device))
+        self.attn = get_backend(self.attention_backend)(
             model_config.num_heads, model_config.num_kv_heads, model_config.head_dim, self.block_size
         )
         per_block = self.attn.bytes_per_block(model_config.num_kv_heads, model_config.head_dim, self.block_size,
@@ -63,8 +64,8 @@ class ModelRunner:
         self.num_blocks = int(num_blocks)
         self.kv_bytes = self.num_blocks * per_block
         self.kv_caches = self.attn.allocate_kv_cache(model_config.num_layers, self.num_blocks, dtype, device)
-        logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s)", self.num_blocks, self.block_size,
-                    self.kv_bytes / 2**20, dtype)
+        logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
+                    self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
 
     def _block_table(self, reqs: list[Request]) -> torch.Tensor:
         width = max((len(r.block_ids) for r in reqs), default=1)
@@ -107,6 +108,8 @@ class ModelRunner:
             prefill_seq_lens=[s.request.num_computed_tokens + s.num_new_tokens for s in prefills],
             prefill_block_tables=self._block_table(preqs).to(self.device) if preqs else torch.empty(0),
             prefill_query_start=torch.tensor(qstart, dtype=torch.long, device=self.device),
+            prefill_seq_lens_t=torch.tensor([s.request.num_computed_tokens + s.num_new_tokens for s in prefills],
+                                            dtype=torch.long),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions_t = torch.tensor(pos, dtype=torch.long, device=self.device)

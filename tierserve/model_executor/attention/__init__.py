@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from tierserve.model_executor.attention.base import AttentionBackend, AttentionMetadata
+from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
+from tierserve.model_executor.attention.cpu_backend import available as cpu_kernels_available
 from tierserve.model_executor.attention.torch_backend import TorchAttentionBackend
 
-BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend}
+
+
+def resolve_backend_name(name: str, device: str) -> str:
+    """``auto``: the native CPU kernels on a CPU where they build, else plain torch ops."""
+    if name != "auto":
+        return name
+    if str(device).startswith("cpu") and cpu_kernels_available():
+        return "cpu"
+    return "torch"
 
 
 def get_backend(name: str) -> type[AttentionBackend]:
@@ -15,4 +26,4 @@ def get_backend(name: str) -> type[AttentionBackend]:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}") from None
 
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "get_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "get_backend", "resolve_backend_name"]

@@ -28,6 +28,8 @@ class AttentionMetadata:
     """[num_prefills, max_blocks] int64."""
     prefill_query_start: torch.Tensor
     """[num_prefills + 1] int64 offsets of each prefill chunk within the prefill tokens."""
+    prefill_seq_lens_t: torch.Tensor | None = None
+    """``prefill_seq_lens`` as an int64 tensor (on the host), when the runner built one."""
 
 
 class AttentionBackend(Protocol):

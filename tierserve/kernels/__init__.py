@@ -1,0 +1,77 @@
+"""Native kernels, compiled on first use for the CPU they run on (torch's C++ extension builder, cached).
+
+``cpu_ops()`` returns the compiled module, or ``None`` when it cannot be built here (no C++ compiler, no ninja,
+``TIERSERVE_NO_NATIVE=1``); callers then fall back to plain torch ops. The build is cached per torch version and CPU
+feature set under ``$TIERSERVE_CACHE_DIR`` (default ``~/.cache/tierserve``) and takes about a minute the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).parent / "csrc"
+_lock = threading.Lock()
+_cpu_ops: ModuleType | None = None
+_tried = False
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TIERSERVE_CACHE_DIR", Path.home() / ".cache" / "tierserve"))
+
+
+def cpu_ops() -> ModuleType | None:
+    """The compiled CPU kernels (built once per machine), or None where they cannot be built."""
+    global _cpu_ops, _tried
+    with _lock:
+        if _tried:
+            return _cpu_ops
+        _tried = True
+        if os.environ.get("TIERSERVE_NO_NATIVE", "") not in ("", "0"):
+            logger.info("native kernels disabled by TIERSERVE_NO_NATIVE")
+            return None
+        sources = sorted(_CSRC.glob("*.cpp"))
+        digest = hashlib.sha256()
+        for src in sources:
+            digest.update(src.read_bytes())
+        digest.update(torch.__version__.encode())
+        digest.update(_cpu_flags().encode())
+        tag = digest.hexdigest()[:16]
+        build = cache_dir() / "kernels" / tag
+        build.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.cpp_extension import load
+
+            logger.info("loading native CPU kernels (first use builds them, ~1 min) from %s", build)
+            _cpu_ops = load(
+                name=f"tierserve_cpu_{tag}",
+                sources=[str(s) for s in sources],
+                extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build),
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler / ninja, or a build error: plain torch ops still work
+            logger.warning("native CPU kernels unavailable (%s: %s); using plain torch ops",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            _cpu_ops = None
+        return _cpu_ops

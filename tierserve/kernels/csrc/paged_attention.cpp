@@ -1,0 +1,289 @@
+// Paged attention kernels for CPU. They read K/V in place through the block tables (no gather copy), accumulate in
+// float32 and use an exact two-pass softmax (scores for the visible keys, then p.V). Work is split over
+// (sequence, kv head[, query tile]) items with torch's own thread pool (at::parallel_for).
+//
+// Cache layout per layer (the torch backend's): [2, Hkv, num_blocks, block_size, D], K then V.
+// bf16 with AVX-512-BF16 uses dpbf16 dot products (bf16 x bf16 products are exact in fp32); other dtypes and CPUs
+// take portable loops written for the compiler's vectoriser.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TS_AVX512_BF16 1
+#endif
+
+namespace {
+
+inline float to_f(float x) { return x; }
+inline float to_f(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_f(at::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline void load_row(const T* __restrict src, float* __restrict dst, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = to_f(src[i]);
+}
+
+template <>
+inline void load_row<at::BFloat16>(const at::BFloat16* __restrict src, float* __restrict dst, int64_t d) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* o = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < d; ++i) o[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+// Rows of one work item: row r is query token r / G, head r % G of the kv head's group.
+template <typename T>
+struct Rows {
+  const T* q;           // first row
+  int64_t tok_stride;   // elements between query tokens
+  int64_t group;        // G
+  int64_t d;
+  const T* row(int64_t r) const { return q + (r / group) * tok_stride + (r % group) * d; }
+};
+
+template <typename T>
+struct Span {  // where one item's K (or V) blocks live
+  const T* base;
+  const int64_t* blocks;
+  int64_t block_size;
+  int64_t block_stride;
+  const T* block(int64_t t0) const { return base + blocks[t0 / block_size] * block_stride; }
+};
+
+// One work item: nq query rows against the first ctx keys of a sequence; row r sees keys [0, limit[r]), limits
+// nondecreasing in r. Writes row r to out + (r / G) * out_tok_stride + (r % G) * d.
+template <typename T>
+void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& ks, const Span<T>& vs, int64_t ctx,
+            float scale, T* out, int64_t out_tok_stride, std::vector<float>& scratch) {
+  const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
+  scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d));
+  float* qf = scratch.data();
+  float* sc = qf + nq * d;
+  float* acc = sc + nq * ctx;
+  float* row = acc + nq * d;
+#ifdef TS_AVX512_BF16
+  constexpr bool fast_type = std::is_same_v<T, at::BFloat16>;
+#else
+  constexpr bool fast_type = false;
+#endif
+  const bool fast = fast_type && d % 32 == 0;
+  if (!fast) {
+    for (int64_t r = 0; r < nq; ++r) {
+      load_row(qs.row(r), qf + r * d, d);
+      for (int64_t i = 0; i < d; ++i) qf[r * d + i] *= scale;
+    }
+  }
+  // First row that sees key t (limits are nondecreasing).
+  auto first_row = [&](int64_t t) {
+    return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
+  };
+  // Pass 1: scores.
+  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+    const int64_t n = std::min(bs, ctx - t0), r0 = first_row(t0);
+    if (r0 >= nq) break;
+    const T* kb = ks.block(t0);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* k = kb + j * d;
+      if constexpr (fast_type) {
+#ifdef TS_AVX512_BF16
+        if (fast) {
+          for (int64_t r = r0; r < nq; ++r) {
+            const T* qr = qs.row(r);
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t v = 0; v < d; v += 32) {
+              a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qr + v), (__m512bh)_mm512_loadu_si512(k + v));
+            }
+            sc[r * ctx + t0 + j] = _mm512_reduce_add_ps(a) * scale;
+          }
+          continue;
+        }
+#endif
+      }
+      load_row(k, row, d);
+      for (int64_t r = r0; r < nq; ++r) {
+        const float* qr = qf + r * d;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < d; ++i) s += qr[i] * row[i];
+        sc[r * ctx + t0 + j] = s;
+      }
+    }
+  }
+  // Softmax per row over its visible keys; invisible ones get probability 0.
+  for (int64_t r = 0; r < nq; ++r) {
+    float* s = sc + r * ctx;
+    const int64_t lim = limit[r];
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < lim; ++t) m = std::max(m, s[t]);
+    float z = 0.f;
+    for (int64_t t = 0; t < lim; ++t) {
+      s[t] = std::exp(s[t] - m);
+      z += s[t];
+    }
+    const float inv = 1.f / z;
+    for (int64_t t = 0; t < lim; ++t) s[t] *= inv;
+    for (int64_t t = lim; t < ctx; ++t) s[t] = 0.f;
+  }
+  // Pass 2: out = p.V.
+  std::fill(acc, acc + nq * d, 0.f);
+  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+    const int64_t n = std::min(bs, ctx - t0), r0 = first_row(t0);
+    if (r0 >= nq) break;
+    const T* vb = vs.block(t0);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = vb + j * d;
+      if constexpr (fast_type) {
+#ifdef TS_AVX512_BF16
+        if (fast) {
+          for (int64_t c = 0; c < d; c += 16) {
+            __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c));
+            __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            for (int64_t r = r0; r < nq; ++r) {
+              float* a = acc + r * d + c;
+              _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(sc[r * ctx + t0 + j]), vf, _mm512_loadu_ps(a)));
+            }
+          }
+          continue;
+        }
+#endif
+      }
+      load_row(v, row, d);
+      for (int64_t r = r0; r < nq; ++r) {
+        const float p = sc[r * ctx + t0 + j];
+        float* a = acc + r * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
+      }
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    T* o = out + (r / G) * out_tok_stride + (r % G) * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[r * d + i]);
+  }
+}
+
+void check_common(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables) {
+  TORCH_CHECK(q.dim() == 3 && cache.dim() == 5, "paged attention: q [T,H,D], cache [2,Hkv,NB,bs,D]");
+  TORCH_CHECK(q.device().is_cpu() && cache.device().is_cpu(), "paged attention: CPU tensors only");
+  TORCH_CHECK(cache.is_contiguous() && block_tables.is_contiguous(), "paged attention: contiguous cache/tables");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong, "paged attention: int64 block tables");
+  TORCH_CHECK(q.scalar_type() == cache.scalar_type(), "paged attention: q and cache dtypes differ");
+  TORCH_CHECK(cache.size(4) == q.size(2) && q.size(1) % cache.size(1) == 0, "paged attention: head shapes disagree");
+}
+
+// Decode: q [B, H, D] (one token per sequence), block_tables [B, max_blocks], seq_lens [B] (context incl. the new
+// token, already written to the cache) -> [B, H, D].
+torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
+                           const torch::Tensor& seq_lens, double scale) {
+  check_common(q, cache, block_tables);
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(), "paged_decode: int64 seq_lens");
+  auto qc = q.contiguous();
+  const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2);
+  const int64_t Hkv = cache.size(1), NB = cache.size(2), bs = cache.size(3);
+  const int64_t G = H / Hkv, max_blocks = block_tables.size(1);
+  TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "paged_decode: batch sizes disagree");
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* sl = seq_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sl[b] > 0 && sl[b] <= max_blocks * bs, "paged_decode: sequence length out of range");
+  }
+  auto out = torch::empty_like(qc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_decode", [&] {
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t head_stride = NB * bs * D, v_off = Hkv * head_stride;
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      std::vector<int64_t> limit(G);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t b = w / Hkv, h = w % Hkv, ctx = sl[b];
+        std::fill(limit.begin(), limit.end(), ctx);
+        const Rows<scalar_t> rows{qp + (b * H + h * G) * D, H * D, G, D};
+        const Span<scalar_t> ks{kp + h * head_stride, bt + b * max_blocks, bs, bs * D};
+        const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + b * max_blocks, bs, bs * D};
+        attend<scalar_t>(rows, G, limit.data(), ks, vs, ctx, static_cast<float>(scale), op + (b * H + h * G) * D,
+                         H * D, scratch);
+      }
+    });
+  });
+  return out;
+}
+
+// Prefill chunks: q [T, H, D] holds the chunks back to back (chunk p is tokens query_start[p]..query_start[p+1]),
+// chunk p ends at position seq_lens[p] (its earlier context already cached; its own K/V written) -> [T, H, D],
+// causal. Chunks are split into query tiles of `tile` tokens for load balance.
+torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
+                            const torch::Tensor& query_start, const torch::Tensor& seq_lens, double scale,
+                            int64_t tile) {
+  check_common(q, cache, block_tables);
+  TORCH_CHECK(query_start.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
+                  query_start.is_contiguous() && seq_lens.is_contiguous(),
+              "paged_prefill: int64 query_start / seq_lens");
+  auto qc = q.contiguous();
+  const int64_t T = qc.size(0), H = qc.size(1), D = qc.size(2);
+  const int64_t Hkv = cache.size(1), NB = cache.size(2), bs = cache.size(3);
+  const int64_t G = H / Hkv, P = seq_lens.size(0), max_blocks = block_tables.size(1);
+  TORCH_CHECK(block_tables.size(0) == P && query_start.size(0) == P + 1, "paged_prefill: batch sizes disagree");
+  TORCH_CHECK(tile > 0, "paged_prefill: tile must be positive");
+  const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* qs = query_start.data_ptr<int64_t>();
+  const int64_t* sl = seq_lens.data_ptr<int64_t>();
+  TORCH_CHECK(qs[0] == 0 && qs[P] == T, "paged_prefill: query_start must span q");
+  // Work items (chunk, first token of the tile); kv heads are the inner index.
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t qlen = qs[p + 1] - qs[p];
+    TORCH_CHECK(qlen >= 0 && qlen <= sl[p] && sl[p] <= max_blocks * bs, "paged_prefill: lengths out of range");
+    for (int64_t i = 0; i < qlen; i += tile) tiles.emplace_back(p, i);
+  }
+  auto out = torch::empty_like(qc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_prefill", [&] {
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t head_stride = NB * bs * D, v_off = Hkv * head_stride;
+    const int64_t n_items = static_cast<int64_t>(tiles.size()) * Hkv;
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch;
+      std::vector<int64_t> limit;
+      for (int64_t w = begin; w < end; ++w) {
+        const auto [p, i0] = tiles[w / Hkv];
+        const int64_t h = w % Hkv;
+        const int64_t qlen = qs[p + 1] - qs[p], n_tok = std::min(tile, qlen - i0);
+        const int64_t first_pos = sl[p] - qlen + i0;  // position of the tile's first token
+        const int64_t ctx = first_pos + n_tok;
+        limit.resize(n_tok * G);
+        for (int64_t r = 0; r < n_tok * G; ++r) limit[r] = first_pos + r / G + 1;
+        const int64_t tok = qs[p] + i0;
+        const Rows<scalar_t> rows{qp + (tok * H + h * G) * D, H * D, G, D};
+        const Span<scalar_t> ks{kp + h * head_stride, bt + p * max_blocks, bs, bs * D};
+        const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + p * max_blocks, bs, bs * D};
+        attend<scalar_t>(rows, n_tok * G, limit.data(), ks, vs, ctx, static_cast<float>(scale),
+                         op + (tok * H + h * G) * D, H * D, scratch);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "Paged decode attention reading K/V in place (CPU)");
+  m.def("paged_prefill", &paged_prefill, "Paged causal attention for prefill chunks, K/V read in place (CPU)");
+}
