@@ -2,10 +2,12 @@
 
 import os
 
-# OpenMP threads that spin while waiting stall parallel ops badly as soon as another process (a benchmark client)
-# takes a core; passive waiting avoids that at some cost on an idle machine (BENCHMARKS.md). Must be set before
-# torch loads libgomp; the user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP worker threads spin briefly between parallel regions, then sleep. A decode step is hundreds of short
+# parallel ops back to back: sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays a futex wake-up per op (~3x slower
+# small ops, measured), while libgomp's default spin (300k rounds) or ACTIVE keep spinning when another process (a
+# benchmark client) needs the core. A short spin keeps both. Must be set before torch loads libgomp; the user's own
+# settings win.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from tierserve.engine.llm import LLM
 from tierserve.engine.llm_engine import LLMEngine

@@ -64,6 +64,10 @@ class ModelRunner:
         self.num_blocks = int(num_blocks)
         self.kv_bytes = self.num_blocks * per_block
         self.kv_caches = self.attn.allocate_kv_cache(model_config.num_layers, self.num_blocks, dtype, device)
+        if self.attention_backend == "cpu" and device.type == "cpu":
+            from tierserve.kernels import cpu_ops
+
+            self.model.fused_ops = cpu_ops()
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
 

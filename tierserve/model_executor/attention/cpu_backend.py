@@ -36,11 +36,16 @@ class CpuAttentionBackend(TorchAttentionBackend):
     ) -> torch.Tensor:
         if not kv_cache.is_cpu:
             return super().forward(q, k, v, kv_cache, meta)
-        num_tokens = q.shape[0]
         flat_k = kv_cache[0].view(self.num_kv_heads, -1, self.head_dim)
         flat_v = kv_cache[1].view(self.num_kv_heads, -1, self.head_dim)
         flat_k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         flat_v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        return self.attend(q, kv_cache, meta)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention for q [T, H, D] whose K/V are already in the cache (the fused RoPE + cache-write op put them
+        there) -> [T, H * D]."""
+        num_tokens = q.shape[0]
         nd = meta.num_decode_tokens
         parts = []
         if nd:

@@ -6,7 +6,8 @@ runs only on the positions that are sampled (``logits_indices``). RMSNorm and lo
 
 from __future__ import annotations
 
-from typing import cast
+from types import ModuleType
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,15 @@ class LlamaLayer(nn.Module):
         return x + F.linear(F.silu(g) * u, self.down)
 
 
+SMALL_BATCH_ROWS = 4
+"""Up to this many rows, bf16 projections use the native GEMV (weights streamed once) instead of the GEMM library."""
+
+
 class LlamaForCausalLM(nn.Module):
     cos: torch.Tensor
     sin: torch.Tensor
+    fused_ops: ModuleType | None = None
+    """Native fused CPU ops (``tierserve.kernels``); set by the model runner where they apply, else plain torch."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
         super().__init__()
@@ -100,6 +107,8 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """-> float32 logits [len(logits_indices), vocab]."""
+        if self.fused_ops is not None and hasattr(attn, "attend"):
+            return self._forward_fused(self.fused_ops, input_ids, positions, kv_caches, attn, meta, logits_indices)
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         for layer, cache in zip(self._layers(), kv_caches):
@@ -107,6 +116,45 @@ class LlamaForCausalLM(nn.Module):
         x = rms_norm(x.index_select(0, logits_indices), self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()
+
+    def _forward_fused(
+        self,
+        ops: ModuleType,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn: Any,
+        meta: AttentionMetadata,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """The same computation as the layer loop above, with the per-layer op chains fused in native code:
+        (residual add +) RMSNorm, RoPE + K/V cache write, SiLU-and-multiply, and a GEMV for small bf16 batches.
+        Rounding to the compute dtype happens at the same points, so results match the unfused path."""
+        t = input_ids.shape[0]
+        small = self.dtype == torch.bfloat16 and t <= SMALL_BATCH_ROWS
+
+        def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+            return ops.linear_small(h, w, b) if small else F.linear(h, w, b)
+
+        x = F.embedding(input_ids, self.embed)
+        cos = self.cos.index_select(0, positions)
+        sin = self.sin.index_select(0, positions)
+        delta: torch.Tensor | None = None
+        for layer, cache in zip(self._layers(), kv_caches):
+            h = ops.rms_norm(x, delta, layer.input_norm, layer.eps)  # x += delta first
+            qkv = linear(h, layer.qkv, layer.qkv_bias)
+            ops.rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, layer.num_heads, layer.num_kv_heads)
+            q = qkv[:, : layer.q_size].view(t, layer.num_heads, layer.head_dim)
+            delta = linear(attn.attend(q, cache, meta), layer.o_proj)
+            h = ops.rms_norm(x, delta, layer.post_norm, layer.eps)
+            delta = linear(ops.silu_mul(linear(h, layer.gate_up)), layer.down)
+        assert delta is not None
+        x = (x.index_select(0, logits_indices) + delta.index_select(0, logits_indices))
+        h = ops.rms_norm(x, None, self.norm, self.cfg.rms_norm_eps)
+        head = self.embed if self.lm_head is None else self.lm_head
+        rows = h.shape[0]
+        return (ops.linear_small(h, head) if self.dtype == torch.bfloat16 and rows <= SMALL_BATCH_ROWS
+                else F.linear(h, head)).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Missing or misshapen tensors raise ModelLoadError."""

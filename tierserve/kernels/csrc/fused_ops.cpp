@@ -1,0 +1,230 @@
+// Fused per-layer CPU ops for the decoder: small-batch bf16 GEMV, RMSNorm (+ residual add), RoPE + KV-cache write,
+// SiLU-and-multiply. Each replaces a chain of torch ops (one parallel region and one pass over memory instead of
+// several) and rounds to the tensor dtype exactly where the unfused torch/transformers code does, so bf16 results
+// follow the same rounding steps and float32 results are unchanged up to summation order.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define TS_AVX512_BF16 1
+#endif
+
+namespace {
+
+inline float f32(float x) { return x; }
+inline float f32(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float f32(at::Half x) { return static_cast<float>(x); }
+// Round through the storage dtype (a no-op for float32), as a torch op producing that dtype would.
+template <typename T>
+inline float rnd(float x) {
+  return f32(static_cast<T>(x));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias), bf16 in/out, fp32 accumulation. For small M (decode of a few sequences),
+// where the GEMM libraries are far from the memory bandwidth: every weight row is streamed once and used for all M
+// rows of x. Parallel over output features.
+torch::Tensor linear_small(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small: x [M,K], w [N,K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_small: bf16 only");
+  TORCH_CHECK(w.is_contiguous(), "linear_small: contiguous weight");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const at::BFloat16* bp = nullptr;
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kBFloat16, "linear_small: bias [N] bf16");
+    bp = bc.data_ptr<at::BFloat16>();
+  }
+  constexpr int64_t R = 4;   // weight rows per inner tile
+  constexpr int64_t PF = 4;  // prefetch distance in tiles
+  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * R, nr = std::min(R, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mr = std::min<int64_t>(4, M - m0);
+        float out[4][R];
+#ifdef TS_AVX512_BF16
+        __m512 acc[4][R];
+        for (int64_t a = 0; a < 4; ++a)
+          for (int64_t b = 0; b < R; ++b) acc[a][b] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __mmask32 mask = K - k >= 32 ? 0xFFFFFFFFu : ((1u << (K - k)) - 1u);
+          __m512i wv[R];
+          for (int64_t b = 0; b < R; ++b)
+            wv[b] = b < nr ? _mm512_maskz_loadu_epi16(mask, wp + (n0 + b) * K + k) : _mm512_setzero_si512();
+          if (m0 == 0 && n0 + PF * R < N) {  // software prefetch of the rows PF tiles ahead (one line each)
+            for (int64_t b = 0; b < R; ++b)
+              _mm_prefetch(reinterpret_cast<const char*>(wp + (n0 + PF * R + b) * K + k), _MM_HINT_T0);
+          }
+          for (int64_t a = 0; a < mr; ++a) {
+            const __m512i xv = _mm512_maskz_loadu_epi16(mask, xp + (m0 + a) * K + k);
+            for (int64_t b = 0; b < R; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)xv, (__m512bh)wv[b]);
+          }
+        }
+        for (int64_t a = 0; a < mr; ++a)
+          for (int64_t b = 0; b < R; ++b) out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+#else
+        for (int64_t a = 0; a < mr; ++a)
+          for (int64_t b = 0; b < nr; ++b) {
+            const at::BFloat16* xr = xp + (m0 + a) * K;
+            const at::BFloat16* wr = wp + (n0 + b) * K;
+            float s = 0.f;
+            for (int64_t k = 0; k < K; ++k) s += f32(xr[k]) * f32(wr[k]);
+            out[a][b] = s;
+          }
+#endif
+        for (int64_t a = 0; a < mr; ++a)
+          for (int64_t b = 0; b < nr; ++b)
+            yp[(m0 + a) * N + n0 + b] = static_cast<at::BFloat16>(out[a][b] + (bp ? f32(bp[n0 + b]) : 0.f));
+      }
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm as in transformers' LlamaRMSNorm: h = w * to_dtype(x_f32 * rsqrt(mean(x_f32^2) + eps)).
+// With `delta`, first x += delta in place (the residual add, rounded to the dtype), then the norm of the new x.
+template <typename T>
+void rms_rows(T* x, const T* delta, const T* w, T* h, int64_t rows, int64_t n, int64_t x_stride, int64_t d_stride,
+              float eps) {
+  at::parallel_for(0, rows, 8, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      T* xr = x + r * x_stride;
+      if (delta) {
+        const T* dr = delta + r * d_stride;
+        for (int64_t i = 0; i < n; ++i) xr[i] = static_cast<T>(f32(xr[i]) + f32(dr[i]));
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < n; ++i) ss += f32(xr[i]) * f32(xr[i]);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+      T* hr = h + r * n;
+      for (int64_t i = 0; i < n; ++i) hr[i] = static_cast<T>(f32(w[i]) * rnd<T>(f32(xr[i]) * inv));
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, const c10::optional<torch::Tensor>& delta, const torch::Tensor& w,
+                       double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && w.is_contiguous() && w.numel() == x.size(1),
+              "rms_norm: x [T, n] with unit inner stride, w [n]");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "rms_norm: dtypes differ");
+  auto h = torch::empty({x.size(0), x.size(1)}, x.options());
+  const bool has_delta = delta.has_value() && delta->defined();
+  if (has_delta) {
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->stride(1) == 1 && delta->scalar_type() == x.scalar_type(),
+                "rms_norm: delta must match x");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), has_delta ? delta->data_ptr<scalar_t>() : nullptr,
+                       w.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.size(0), x.size(1), x.stride(0),
+                       has_delta ? delta->stride(0) : 0, static_cast<float>(eps));
+  });
+  return h;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RoPE (rotate-half form) in place on the q and k parts of a fused qkv [T, (H + 2 Hkv) * D], as transformers
+// computes it in the dtype: x*cos + rotate_half(x)*sin, each product and the sum rounded. Then k and v are written to
+// the paged cache [2, Hkv, num_blocks * block_size (flat), D] at slot_mapping[t].
+void rope_and_cache(torch::Tensor qkv, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor cache,
+                    const torch::Tensor& slots, int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_and_cache: qkv [T, (H+2Hkv)*D]");
+  const int64_t T = qkv.size(0);
+  const int64_t D = cos.size(1), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && D <= 1024, "rope_and_cache: head_dim must be even and at most 1024");
+  TORCH_CHECK(qkv.size(1) == (num_heads + 2 * num_kv_heads) * D, "rope_and_cache: qkv width disagrees with heads");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == T && sin.sizes() == cos.sizes(),
+              "rope_and_cache: cos/sin [T, D]");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 5 && cache.size(1) == num_kv_heads && cache.size(4) == D,
+              "rope_and_cache: cache [2, Hkv, NB, bs, D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == T,
+              "rope_and_cache: int64 slot per token");
+  TORCH_CHECK(qkv.scalar_type() == cos.scalar_type() && qkv.scalar_type() == cache.scalar_type(),
+              "rope_and_cache: dtypes differ");
+  const int64_t flat = cache.size(2) * cache.size(3);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < flat, "rope_and_cache: slot out of range");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_and_cache", [&] {
+    using T_ = scalar_t;
+    T_* base = qkv.data_ptr<T_>();
+    const T_* cp = cos.data_ptr<T_>();
+    const T_* snp = sin.data_ptr<T_>();
+    T_* kc = cache.data_ptr<T_>();
+    T_* vc = kc + num_kv_heads * flat * D;
+    const int64_t row = qkv.stride(0);
+    at::parallel_for(0, T, 4, [&](int64_t tb, int64_t te) {
+      float tmp[1024];
+      for (int64_t t = tb; t < te; ++t) {
+        T_* r = base + t * row;
+        const T_* c = cp + t * D;
+        const T_* s = snp + t * D;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+          T_* x = r + h * D;
+          for (int64_t i = 0; i < D; ++i) {
+            const float rot = i < half ? -f32(x[i + half]) : f32(x[i - half]);
+            tmp[i] = rnd<T_>(rnd<T_>(f32(x[i]) * f32(c[i])) + rnd<T_>(rot * f32(s[i])));
+          }
+          for (int64_t i = 0; i < D; ++i) x[i] = static_cast<T_>(tmp[i]);
+        }
+        const int64_t slot = sp[t];
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          std::memcpy(kc + (h * flat + slot) * D, r + (num_heads + h) * D, D * sizeof(T_));
+          std::memcpy(vc + (h * flat + slot) * D, r + (num_heads + num_kv_heads + h) * D, D * sizeof(T_));
+        }
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SwiGLU: gu [T, 2I] -> silu(gate) * up [T, I], with the rounding of F.silu(g) * u in the dtype.
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0 && gu.stride(1) == 1, "silu_mul: gu [T, 2I]");
+  const int64_t T = gu.size(0), I = gu.size(1) / 2;
+  auto out = torch::empty({T, I}, gu.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "silu_mul", [&] {
+    const scalar_t* g = gu.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t row = gu.stride(0);
+    at::parallel_for(0, T * I, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const int64_t t = j / I, i = j % I;
+        const float gv = f32(g[t * row + i]);
+        const float s = rnd<scalar_t>(gv / (1.f + std::exp(-gv)));
+        o[j] = static_cast<scalar_t>(s * f32(g[t * row + I + i]));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+void register_fused_ops(pybind11::module& m) {
+  m.def("linear_small", &linear_small, "x @ w.T (+ bias) for a few rows of x, bf16, weights streamed once",
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally after an in-place residual add x += delta", pybind11::arg("x"),
+        pybind11::arg("delta"), pybind11::arg("w"), pybind11::arg("eps"));
+  m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+}
