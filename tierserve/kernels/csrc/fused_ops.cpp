@@ -33,6 +33,24 @@ inline float rnd(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+#ifdef TS_AVX512_BF16
+// One weight row against MR rows of x (compile-time MR, so the accumulators live in registers).
+template <int MR>
+inline void gemv_row(const at::BFloat16* xp, const at::BFloat16* wr, int64_t K, float* out) {
+  __m512 acc[MR];
+  for (int a = 0; a < MR; ++a) acc[a] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = K - k >= 32 ? 0xFFFFFFFFu : ((1u << (K - k)) - 1u);
+    const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr + k);
+    for (int a = 0; a < MR; ++a) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, xp + a * K + k);
+      acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)xv, (__m512bh)wv);
+    }
+  }
+  for (int a = 0; a < MR; ++a) out[a] = _mm512_reduce_add_ps(acc[a]);
+}
+#endif
+
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias), bf16 in/out, fp32 accumulation. For small M (decode of a few sequences),
 // where the GEMM libraries are far from the memory bandwidth: every weight row is streamed once and used for all M
 // rows of x. Parallel over output features.
@@ -43,6 +61,7 @@ torch::Tensor linear_small(const torch::Tensor& x, const torch::Tensor& w, const
   auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
   const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
   const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
@@ -53,47 +72,33 @@ torch::Tensor linear_small(const torch::Tensor& x, const torch::Tensor& w, const
     TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kBFloat16, "linear_small: bias [N] bf16");
     bp = bc.data_ptr<at::BFloat16>();
   }
-  constexpr int64_t R = 4;   // weight rows per inner tile
-  constexpr int64_t PF = 4;  // prefetch distance in tiles
-  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t n0 = t * R, nr = std::min(R, N - n0);
+  // One weight row at a time, in order: a single sequential stream per thread is what the hardware prefetcher
+  // follows best (measured on Zen 4: ~27 GB/s cold vs ~18 with 4 interleaved rows, with or without software
+  // prefetch). Each loaded weight vector serves up to 4 rows of x from registers.
+  at::parallel_for(0, N, 64, [&](int64_t nb, int64_t ne) {
+    for (int64_t n = nb; n < ne; ++n) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mr = std::min<int64_t>(4, M - m0);
-        float out[4][R];
+        float out[4];
 #ifdef TS_AVX512_BF16
-        __m512 acc[4][R];
-        for (int64_t a = 0; a < 4; ++a)
-          for (int64_t b = 0; b < R; ++b) acc[a][b] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-          const __mmask32 mask = K - k >= 32 ? 0xFFFFFFFFu : ((1u << (K - k)) - 1u);
-          __m512i wv[R];
-          for (int64_t b = 0; b < R; ++b)
-            wv[b] = b < nr ? _mm512_maskz_loadu_epi16(mask, wp + (n0 + b) * K + k) : _mm512_setzero_si512();
-          if (m0 == 0 && n0 + PF * R < N) {  // software prefetch of the rows PF tiles ahead (one line each)
-            for (int64_t b = 0; b < R; ++b)
-              _mm_prefetch(reinterpret_cast<const char*>(wp + (n0 + PF * R + b) * K + k), _MM_HINT_T0);
-          }
-          for (int64_t a = 0; a < mr; ++a) {
-            const __m512i xv = _mm512_maskz_loadu_epi16(mask, xp + (m0 + a) * K + k);
-            for (int64_t b = 0; b < R; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], (__m512bh)xv, (__m512bh)wv[b]);
-          }
+        const at::BFloat16* xr = xp + m0 * K;
+        switch (mr) {
+          case 1: gemv_row<1>(xr, wp + n * K, K, out); break;
+          case 2: gemv_row<2>(xr, wp + n * K, K, out); break;
+          case 3: gemv_row<3>(xr, wp + n * K, K, out); break;
+          default: gemv_row<4>(xr, wp + n * K, K, out); break;
         }
-        for (int64_t a = 0; a < mr; ++a)
-          for (int64_t b = 0; b < R; ++b) out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
 #else
-        for (int64_t a = 0; a < mr; ++a)
-          for (int64_t b = 0; b < nr; ++b) {
-            const at::BFloat16* xr = xp + (m0 + a) * K;
-            const at::BFloat16* wr = wp + (n0 + b) * K;
-            float s = 0.f;
-            for (int64_t k = 0; k < K; ++k) s += f32(xr[k]) * f32(wr[k]);
-            out[a][b] = s;
-          }
+        for (int64_t a = 0; a < mr; ++a) {
+          const at::BFloat16* xr = xp + (m0 + a) * K;
+          const at::BFloat16* wr = wp + n * K;
+          float s = 0.f;
+          for (int64_t k = 0; k < K; ++k) s += f32(xr[k]) * f32(wr[k]);
+          out[a] = s;
+        }
 #endif
-        for (int64_t a = 0; a < mr; ++a)
-          for (int64_t b = 0; b < nr; ++b)
-            yp[(m0 + a) * N + n0 + b] = static_cast<at::BFloat16>(out[a][b] + (bp ? f32(bp[n0 + b]) : 0.f));
+        const float b = bp ? f32(bp[n]) : 0.f;
+        for (int64_t a = 0; a < mr; ++a) yp[(m0 + a) * N + n] = static_cast<at::BFloat16>(out[a] + b);
       }
     }
   });
@@ -206,7 +211,7 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
     const scalar_t* g = gu.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t row = gu.stride(0);
-    at::parallel_for(0, T * I, 4096, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, T * I, 512, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) {
         const int64_t t = j / I, i = j % I;
         const float gv = f32(g[t * row + i]);
