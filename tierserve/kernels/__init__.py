@@ -51,7 +51,8 @@ def cpu_ops() -> ModuleType | None:
             return None
         sources = sorted(_CSRC.glob("*.cpp"))
         digest = hashlib.sha256()
-        for src in sources:
+        for src in sorted(_CSRC.glob("*.[ch]*")):
+            digest.update(src.name.encode())
             digest.update(src.read_bytes())
         digest.update(torch.__version__.encode())
         digest.update(_cpu_flags().encode())

@@ -10,13 +10,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define TS_AVX512_BF16 1
-#endif
+#include "vec.h"
 
 namespace {
+
+using namespace tierserve_vec;  // NOLINT
 
 inline float f32(float x) { return x; }
 inline float f32(at::BFloat16 x) {
@@ -203,6 +203,7 @@ void rope_and_cache(torch::Tensor qkv, const torch::Tensor& cos, const torch::Te
 
 // ---------------------------------------------------------------------------------------------------------------
 // SwiGLU: gu [T, 2I] -> silu(gate) * up [T, I], with the rounding of F.silu(g) * u in the dtype.
+
 torch::Tensor silu_mul(const torch::Tensor& gu) {
   TORCH_CHECK(gu.dim() == 2 && gu.size(1) % 2 == 0 && gu.stride(1) == 1, "silu_mul: gu [T, 2I]");
   const int64_t T = gu.size(0), I = gu.size(1) / 2;
@@ -211,12 +212,31 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
     const scalar_t* g = gu.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t row = gu.stride(0);
-    at::parallel_for(0, T * I, 512, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        const int64_t t = j / I, i = j % I;
-        const float gv = f32(g[t * row + i]);
-        const float s = rnd<scalar_t>(gv / (1.f + std::exp(-gv)));
-        o[j] = static_cast<scalar_t>(s * f32(g[t * row + I + i]));
+    at::parallel_for(0, T, std::max<int64_t>(1, 2048 / std::max<int64_t>(I, 1)), [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const scalar_t* gr = g + t * row;
+        const scalar_t* ur = gr + I;
+        scalar_t* orow = o + t * I;
+        int64_t i = 0;
+#ifdef TS_AVX512_BF16
+        if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+          for (; i + 16 <= I; i += 16) {
+            const auto* gb = reinterpret_cast<const at::BFloat16*>(gr + i);
+            const auto* ub = reinterpret_cast<const at::BFloat16*>(ur + i);
+            const __m512 gv = load16_bf16(gb);
+            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            const __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+            const __m512 s_rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(sv)), 16));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + i),
+                                to_bf16(_mm512_mul_ps(s_rounded, load16_bf16(ub))));
+          }
+        }
+#endif
+        for (; i < I; ++i) {
+          const float gv = f32(gr[i]);
+          const float s = rnd<scalar_t>(gv / (1.f + std::exp(-gv)));
+          orow[i] = static_cast<scalar_t>(s * f32(ur[i]));
+        }
       }
     });
   });

@@ -17,10 +17,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define TS_AVX512_BF16 1
-#endif
+#include "vec.h"
 
 namespace {
 
@@ -64,6 +61,79 @@ struct Span {  // where one item's K (or V) blocks live
   const T* block(int64_t t0) const { return base + blocks[t0 / block_size] * block_stride; }
 };
 
+// The next block is elsewhere in memory (paged): ask for it while this one is computed.
+inline void prefetch_block(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+#ifdef TS_AVX512_BF16
+// v[j] -> lane j of the result = horizontal sum of v[j], for 16 vectors (a transpose-and-add tree: ~3 shuffles/adds
+// per vector instead of a full horizontal reduction each).
+inline __m512 hsum16(const __m512* v) {
+  __m512 u[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512 a = v[4 * g], b = v[4 * g + 1], c = v[4 * g + 2], e = v[4 * g + 3];
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+    const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
+    u[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)), _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
+  }
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+}
+
+// Scores of one query row against n <= 16 consecutive keys (rows of d bf16, d % 32 == 0).
+inline void scores16_bf16(const at::BFloat16* qr, const at::BFloat16* k, int64_t n, int64_t d, float scale,
+                          float* out) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t v = 0; v < d; v += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + v);
+    for (int64_t j = 0; j < n; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(k + j * d + v));
+  }
+  const __m512 s = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1u), s);
+}
+
+// acc[r] += sum_j p[r][j] * v[j] for NR rows and n keys, D = 16 * DV; accumulators in registers for the block.
+template <int NR, int DV>
+inline void values_block_bf16(const float* p, int64_t p_stride, const at::BFloat16* v, int64_t n, float* acc) {
+  constexpr int64_t d = 16 * DV;
+  __m512 a[NR][DV];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < DV; ++c) a[r][c] = _mm512_loadu_ps(acc + r * d + 16 * c);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vf[DV];
+    for (int c = 0; c < DV; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * d + 16 * c));
+      vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * p_stride + j]);
+      for (int c = 0; c < DV; ++c) a[r][c] = _mm512_fmadd_ps(pr, vf[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < DV; ++c) _mm512_storeu_ps(acc + r * d + 16 * c, a[r][c]);
+}
+
+template <int DV>
+inline void values_rows_bf16(const float* p, int64_t p_stride, int64_t nr, const at::BFloat16* v, int64_t n,
+                             float* acc) {
+  constexpr int64_t d = 16 * DV;
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) values_block_bf16<4, DV>(p + r * p_stride, p_stride, v, n, acc + r * d);
+  switch (nr - r) {
+    case 3: values_block_bf16<3, DV>(p + r * p_stride, p_stride, v, n, acc + r * d); break;
+    case 2: values_block_bf16<2, DV>(p + r * p_stride, p_stride, v, n, acc + r * d); break;
+    case 1: values_block_bf16<1, DV>(p + r * p_stride, p_stride, v, n, acc + r * d); break;
+    default: break;
+  }
+}
+#endif
+
 // One work item: nq query rows against the first ctx keys of a sequence; row r sees keys [0, limit[r]), limits
 // nondecreasing in r. Writes row r to out + (r / G) * out_tok_stride + (r % G) * d.
 template <typename T>
@@ -96,6 +166,15 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     const int64_t n = std::min(bs, ctx - t0), r0 = first_row(t0);
     if (r0 >= nq) break;
     const T* kb = ks.block(t0);
+    if constexpr (fast_type) {
+#ifdef TS_AVX512_BF16
+      if (fast && bs <= 16) {
+        if (t0 + bs < ctx) prefetch_block(ks.block(t0 + bs), bs * d * static_cast<int64_t>(sizeof(T)));
+        for (int64_t r = r0; r < nq; ++r) scores16_bf16(qs.row(r), kb, n, d, scale, sc + r * ctx + t0);
+        continue;
+      }
+#endif
+    }
     for (int64_t j = 0; j < n; ++j) {
       const T* k = kb + j * d;
       if constexpr (fast_type) {
@@ -130,7 +209,20 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < lim; ++t) m = std::max(m, s[t]);
     float z = 0.f;
-    for (int64_t t = 0; t < lim; ++t) {
+    int64_t t = 0;
+#ifdef TS_AVX512_BF16
+    {
+      const __m512 mv = _mm512_set1_ps(m);
+      __m512 zv = _mm512_setzero_ps();
+      for (; t + 16 <= lim; t += 16) {
+        const __m512 e = tierserve_vec::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+        _mm512_storeu_ps(s + t, e);
+        zv = _mm512_add_ps(zv, e);
+      }
+      z = _mm512_reduce_add_ps(zv);
+    }
+#endif
+    for (; t < lim; ++t) {
       s[t] = std::exp(s[t] - m);
       z += s[t];
     }
@@ -144,24 +236,21 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     const int64_t n = std::min(bs, ctx - t0), r0 = first_row(t0);
     if (r0 >= nq) break;
     const T* vb = vs.block(t0);
-    for (int64_t j = 0; j < n; ++j) {
-      const T* v = vb + j * d;
-      if constexpr (fast_type) {
+    if constexpr (fast_type) {
 #ifdef TS_AVX512_BF16
-        if (fast) {
-          for (int64_t c = 0; c < d; c += 16) {
-            __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c));
-            __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-            for (int64_t r = r0; r < nq; ++r) {
-              float* a = acc + r * d + c;
-              _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(sc[r * ctx + t0 + j]), vf, _mm512_loadu_ps(a)));
-            }
-          }
-          continue;
+      if (fast && (d == 64 || d == 128)) {
+        if (t0 + bs < ctx) prefetch_block(vs.block(t0 + bs), bs * d * static_cast<int64_t>(sizeof(T)));
+        if (d == 64) {
+          values_rows_bf16<4>(sc + r0 * ctx + t0, ctx, nq - r0, vb, n, acc + r0 * d);
+        } else {
+          values_rows_bf16<8>(sc + r0 * ctx + t0, ctx, nq - r0, vb, n, acc + r0 * d);
         }
-#endif
+        continue;
       }
-      load_row(v, row, d);
+#endif
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      load_row(vb + j * d, row, d);
       for (int64_t r = r0; r < nq; ++r) {
         const float p = sc[r * ctx + t0 + j];
         float* a = acc + r * d;
