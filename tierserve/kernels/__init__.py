@@ -1,7 +1,8 @@
 """Native kernels, compiled on first use for the CPU they run on (torch's C++ extension builder, cached).
 
 ``cpu_ops()`` returns the compiled module, or ``None`` when it cannot be built here (no C++ compiler, no ninja,
-``TIERSERVE_NO_NATIVE=1``); callers then fall back to plain torch ops. The build is cached per torch version and CPU
+``TIERSERVE_NO_NATIVE=1``); callers then fall back to plain torch ops. ``TIERSERVE_REQUIRE_NATIVE=1`` (set by the
+test script) turns a failed build into an error instead, so a broken kernel cannot hide behind the fallback. The build is cached per torch version and CPU
 feature set under ``$TIERSERVE_CACHE_DIR`` (default ``~/.cache/tierserve``) and takes about a minute the first time.
 """
 
@@ -72,6 +73,8 @@ def cpu_ops() -> ModuleType | None:
                 verbose=False,
             )
         except Exception as exc:  # no compiler / ninja, or a build error: plain torch ops still work
+            if os.environ.get("TIERSERVE_REQUIRE_NATIVE", "") not in ("", "0"):
+                raise RuntimeError(f"native CPU kernels failed to build in {build}") from exc
             logger.warning("native CPU kernels unavailable (%s: %s); using plain torch ops",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _cpu_ops = None

@@ -68,6 +68,10 @@ class ModelRunner:
             from tierserve.kernels import cpu_ops
 
             self.model.fused_ops = cpu_ops()
+            if self.model.fused_ops is not None:
+                extra = self.model.pack_weights()
+                if extra:
+                    logger.info("packed %.0f MiB of bf16 weights for oneDNN GEMMs", extra / 2**20)
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
 
