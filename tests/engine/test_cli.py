@@ -28,7 +28,10 @@ def test_generate_streams_a_sensible_answer() -> None:
 
 
 def test_chat_two_turns_over_stdin() -> None:
-    out = subprocess.run([*CMD, "chat", "--temperature", "0", "--max-tokens", "24", "--kv-cache-memory", "128MiB"],
+    # float32: the answer's first token is a near-tie in bf16 ("The" -1.88 vs "L" -1.88 with the native kernels, -1.74
+    # vs -1.99 with plain torch ops); this test is about the chat loop, not bf16 numerics (tests/engine/test_exactness*)
+    out = subprocess.run([*CMD, "chat", "--temperature", "0", "--max-tokens", "24", "--kv-cache-memory", "128MiB",
+                          "--dtype", "float32"],
                          input="What is the capital of France?\nAnd of Italy?\n/exit\n", capture_output=True,
                          text=True, timeout=300, env=ENV)
     assert out.returncode == 0, out.stderr[-2000:]

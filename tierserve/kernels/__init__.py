@@ -2,8 +2,9 @@
 
 ``cpu_ops()`` returns the compiled module, or ``None`` when it cannot be built here (no C++ compiler, no ninja,
 ``TIERSERVE_NO_NATIVE=1``); callers then fall back to plain torch ops. ``TIERSERVE_REQUIRE_NATIVE=1`` (set by the
-test script) turns a failed build into an error instead, so a broken kernel cannot hide behind the fallback. The build is cached per torch version and CPU
-feature set under ``$TIERSERVE_CACHE_DIR`` (default ``~/.cache/tierserve``) and takes about a minute the first time.
+test script) turns a failed build into an error instead, so a broken kernel cannot hide behind the fallback. The
+build is cached per torch version and CPU feature set under ``$TIERSERVE_CACHE_DIR`` (default ``~/.cache/tierserve``)
+and takes about half a minute the first time.
 """
 
 from __future__ import annotations
