@@ -246,10 +246,13 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 }  // namespace
 
 void register_fused_ops(pybind11::module& m) {
+  // The GIL is released while a kernel runs (as torch's own ops do), so the server's event loop is not stalled.
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("linear_small", &linear_small, "x @ w.T (+ bias) for a few rows of x, bf16, weights streamed once",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(), release());
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after an in-place residual add x += delta", pybind11::arg("x"),
-        pybind11::arg("delta"), pybind11::arg("w"), pybind11::arg("eps"));
-  m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+        pybind11::arg("delta"), pybind11::arg("w"), pybind11::arg("eps"), release());
+  m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache",
+        release());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", release());
 }
