@@ -108,7 +108,7 @@ def test_compare_config_sizes() -> None:
     s = cfg.settings()
     assert s.num_slots == 16 and s.slot_context == 512
     assert CompareConfig(input_len=1000, output_len=128).settings().slot_context == 1216
-    assert [auto_num_requests(c) for c in (1, 4, 16)] == [8, 12, 48]
+    assert [auto_num_requests(c) for c in (1, 4, 16)] == [16, 16, 64]
     assert requests_per_level(CompareConfig(num_requests=[20])) == [20, 20, 20]
     with pytest.raises(ValueError, match="one per concurrency"):
         requests_per_level(CompareConfig(num_requests=[1, 2]))

@@ -164,7 +164,7 @@ def register(sub: Any) -> None:
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
     p.add_argument("--max-concurrency", type=_ints, default=[1, 4, 16], help="closed-loop concurrency levels")
     p.add_argument("--num-requests", type=_ints, default=None,
-                   help="measured requests per level (one value, or one per level; default max(8, 3 x level)), "
+                   help="measured requests per level (one value, or one per level; default max(16, 4 x level)), "
                         "after one unmeasured wave of `level` requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="default: bench_results/compare-<time>")

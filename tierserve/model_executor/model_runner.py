@@ -69,6 +69,7 @@ class ModelRunner:
 
             self.model.fused_ops = cpu_ops()
             if self.model.fused_ops is not None:
+                self.model.small_gemv = bool(getattr(self.model.fused_ops, "has_avx512_bf16", False))
                 extra = self.model.pack_weights()
                 if extra:
                     logger.info("packed %.0f MiB of bf16 weights for oneDNN GEMMs", extra / 2**20)

@@ -58,8 +58,11 @@ class CompareConfig:
 
 
 def auto_num_requests(concurrency: int) -> int:
-    """Measured requests at a concurrency: at least 8, and 3 full waves so the steady state dominates."""
-    return max(8, 3 * concurrency)
+    """Measured requests at a concurrency: at least 16, and 4 full waves so the steady state dominates.
+
+    (It was max(8, 3 x level): two back-to-back runs then differed by 14.5% in one ratio, at concurrency 4 with 12
+    requests; BENCHMARKS.md.)"""
+    return max(16, 4 * concurrency)
 
 
 def requests_per_level(cfg: CompareConfig) -> list[int]:

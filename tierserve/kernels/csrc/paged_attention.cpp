@@ -376,6 +376,11 @@ void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_fused_ops(m);
+#ifdef TS_AVX512_BF16
+  m.attr("has_avx512_bf16") = true;
+#else
+  m.attr("has_avx512_bf16") = false;
+#endif
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("paged_decode", &paged_decode, "Paged decode attention reading K/V in place (CPU)", release());
   m.def("paged_prefill", &paged_prefill, "Paged causal attention for prefill chunks, K/V read in place (CPU)",

@@ -78,6 +78,9 @@ class LlamaForCausalLM(nn.Module):
     sin: torch.Tensor
     fused_ops: ModuleType | None = None
     """Native fused CPU ops (``tierserve.kernels``); set by the model runner where they apply, else plain torch."""
+    small_gemv: bool = False
+    """Use the native GEMV for bf16 steps of at most ``SMALL_BATCH_ROWS`` rows (only where it has its AVX-512-BF16
+    path; its portable loop is slower than oneDNN)."""
     packed: dict[int, torch.Tensor] | None = None
     """oneDNN-packed copies of the projection weights (id(weight) -> packed), made by ``pack_weights``."""
 
@@ -149,13 +152,13 @@ class LlamaForCausalLM(nn.Module):
         (residual add +) RMSNorm, RoPE + K/V cache write, SiLU-and-multiply, and a GEMV for small bf16 batches.
         Rounding to the compute dtype happens at the same points, so results match the unfused path."""
         t = input_ids.shape[0]
-        bf16 = self.dtype == torch.bfloat16
+        gemv = self.dtype == torch.bfloat16 and self.small_gemv
 
         packed = self.packed or {}
         pointwise = torch.ops.mkldnn._linear_pointwise if packed else None
 
         def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-            if bf16 and h.shape[0] <= SMALL_BATCH_ROWS:
+            if gemv and h.shape[0] <= SMALL_BATCH_ROWS:
                 return ops.linear_small(h, w, b)
             wp = packed.get(id(w))
             return F.linear(h, w, b) if wp is None or pointwise is None else pointwise(h, wp, b, "none", [], "")
