@@ -3,8 +3,8 @@
 import os
 
 # OpenMP worker threads spin briefly between parallel regions, then sleep. A decode step is hundreds of short
-# parallel ops back to back: sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays a futex wake-up per op (~3x slower
-# small ops, measured), while libgomp's default spin (300k rounds) or ACTIVE keep spinning when another process (a
+# parallel ops back to back: sleeping at once (OMP_WAIT_POLICY=PASSIVE) pays a futex wake-up per op (small ops
+# several times slower), while libgomp's default spin (300k rounds) or ACTIVE keep spinning when another process (a
 # benchmark client) needs the core. A short spin keeps both. Must be set before torch loads libgomp; the user's own
 # settings win.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")

@@ -14,18 +14,19 @@ pytestmark = pytest.mark.skipif(not available(), reason="native kernels cannot b
 H, HKV, BS = 9, 3, 16
 
 
-def _case(dtype: torch.dtype, decode_ctx: list[int], prefill: list[tuple[int, int]], d: int = 64, seed: int = 0):
+def _case(dtype: torch.dtype, decode_ctx: list[int], prefill: list[tuple[int, int]], d: int = 64, seed: int = 0,
+          bs: int = BS):
     """A step with decodes (context lengths) then prefill chunks (context, chunk length), random block tables."""
     g = torch.Generator().manual_seed(seed)
     ctxs = decode_ctx + [c for c, _ in prefill]
     qlens = [1] * len(decode_ctx) + [n for _, n in prefill]
-    maxb = max((c + BS - 1) // BS for c in ctxs)
+    maxb = max((c + bs - 1) // bs for c in ctxs)
     nb = len(ctxs) * maxb + 3
-    cache = torch.randn(2, HKV, nb, BS, d, generator=g).to(dtype)
+    cache = torch.randn(2, HKV, nb, bs, d, generator=g).to(dtype)
     tables = torch.randperm(nb, generator=g)[: len(ctxs) * maxb].view(len(ctxs), maxb)
     t = sum(qlens)
     q, k, v = (torch.randn(t, n, d, generator=g).to(dtype) for n in (H, HKV, HKV))
-    slots = [int(tables[i, p // BS]) * BS + p % BS
+    slots = [int(tables[i, p // bs]) * bs + p % bs
              for i, (c, n) in enumerate(zip(ctxs, qlens)) for p in range(c - n, c)]
     nd = len(decode_ctx)
     qstart = [0]
@@ -60,6 +61,17 @@ def test_matches_torch_backend(dtype: torch.dtype, decodes: list[int], prefills:
     assert out.dtype == dtype and out.shape == ref.shape
     torch.testing.assert_close(cache.float(), ref_cache.to(dtype).float())  # same K/V written, same slots
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output rounding only (accumulation is fp32)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_larger_than_16_tokens(dtype: torch.dtype) -> None:
+    """Block size 32: the bf16 path scores each block as two 16-key chunks (the last one partial)."""
+    q, k, v, cache, meta = _case(dtype, [45, 70], [(90, 30)], bs=32)
+    ref_cache = cache.float().clone()
+    ref = TorchAttentionBackend(H, HKV, 64, 32).forward(q.float(), k.float(), v.float(), ref_cache, meta)
+    out = CpuAttentionBackend(H, HKV, 64, 32).forward(q, k, v, cache, meta)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 

@@ -18,23 +18,14 @@ from types import ModuleType
 
 import torch
 
+from tierserve.utils.cpu import cpu_info
+
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 _lock = threading.Lock()
 _cpu_ops: ModuleType | None = None
 _tried = False
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def cache_dir() -> Path:
@@ -57,7 +48,7 @@ def cpu_ops() -> ModuleType | None:
             digest.update(src.name.encode())
             digest.update(src.read_bytes())
         digest.update(torch.__version__.encode())
-        digest.update(_cpu_flags().encode())
+        digest.update(" ".join(sorted(cpu_info().flags)).encode())
         tag = digest.hexdigest()[:16]
         build = cache_dir() / "kernels" / tag
         build.mkdir(parents=True, exist_ok=True)

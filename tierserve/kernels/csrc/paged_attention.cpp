@@ -21,18 +21,11 @@
 
 namespace {
 
-inline float to_f(float x) { return x; }
-inline float to_f(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-inline float to_f(at::Half x) { return static_cast<float>(x); }
+using tierserve_vec::f32;
 
 template <typename T>
 inline void load_row(const T* __restrict src, float* __restrict dst, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) dst[i] = to_f(src[i]);
+  for (int64_t i = 0; i < d; ++i) dst[i] = f32(src[i]);
 }
 
 template <>
@@ -60,12 +53,6 @@ struct Span {  // where one item's K (or V) blocks live
   int64_t block_stride;
   const T* block(int64_t t0) const { return base + blocks[t0 / block_size] * block_stride; }
 };
-
-// The next block is elsewhere in memory (paged): ask for it while this one is computed.
-inline void prefetch_block(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
 
 #ifdef TS_AVX512_BF16
 // v[j] -> lane j of the result = horizontal sum of v[j], for 16 vectors (a transpose-and-add tree: ~3 shuffles/adds
@@ -107,8 +94,7 @@ inline void values_block_bf16(const float* p, int64_t p_stride, const at::BFloat
   for (int64_t j = 0; j < n; ++j) {
     __m512 vf[DV];
     for (int c = 0; c < DV; ++c) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * d + 16 * c));
-      vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      vf[c] = tierserve_vec::load16_bf16(v + j * d + 16 * c);
     }
     for (int r = 0; r < NR; ++r) {
       const __m512 pr = _mm512_set1_ps(p[r * p_stride + j]);
@@ -168,30 +154,19 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     const T* kb = ks.block(t0);
     if constexpr (fast_type) {
 #ifdef TS_AVX512_BF16
-      if (fast && bs <= 16) {
-        if (t0 + bs < ctx) prefetch_block(ks.block(t0 + bs), bs * d * static_cast<int64_t>(sizeof(T)));
-        for (int64_t r = r0; r < nq; ++r) scores16_bf16(qs.row(r), kb, n, d, scale, sc + r * ctx + t0);
+      if (fast) {
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+          const int64_t m = std::min<int64_t>(16, n - j0);
+          for (int64_t r = r0; r < nq; ++r) {
+            scores16_bf16(qs.row(r), kb + j0 * d, m, d, scale, sc + r * ctx + t0 + j0);
+          }
+        }
         continue;
       }
 #endif
     }
     for (int64_t j = 0; j < n; ++j) {
       const T* k = kb + j * d;
-      if constexpr (fast_type) {
-#ifdef TS_AVX512_BF16
-        if (fast) {
-          for (int64_t r = r0; r < nq; ++r) {
-            const T* qr = qs.row(r);
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t v = 0; v < d; v += 32) {
-              a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qr + v), (__m512bh)_mm512_loadu_si512(k + v));
-            }
-            sc[r * ctx + t0 + j] = _mm512_reduce_add_ps(a) * scale;
-          }
-          continue;
-        }
-#endif
-      }
       load_row(k, row, d);
       for (int64_t r = r0; r < nq; ++r) {
         const float* qr = qf + r * d;
@@ -239,7 +214,6 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     if constexpr (fast_type) {
 #ifdef TS_AVX512_BF16
       if (fast && (d == 64 || d == 128)) {
-        if (t0 + bs < ctx) prefetch_block(vs.block(t0 + bs), bs * d * static_cast<int64_t>(sizeof(T)));
         if (d == 64) {
           values_rows_bf16<4>(sc + r0 * ctx + t0, ctx, nq - r0, vb, n, acc + r0 * d);
         } else {

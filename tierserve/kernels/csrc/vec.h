@@ -7,8 +7,22 @@
 #endif
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
 
 namespace tierserve_vec {
+
+// Storage dtype -> float (bf16 is the upper half of a float: a shift).
+inline float f32(float x) { return x; }
+inline float f32(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float f32(c10::Half x) { return static_cast<float>(x); }
 
 #ifdef TS_AVX512_BF16
 // exp(x) for 16 floats: range reduction by ln 2 and Cephes' degree-6 polynomial (about 1 ulp), 2^n by scalef.
@@ -28,9 +42,12 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __m512 load16_bf16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+inline __m512 bf16x16_to_f32(__m256i raw) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512 load16_bf16(const at::BFloat16* p) {
+  return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // fp32 -> bf16, round to nearest even (as torch does), 16 at a time.
