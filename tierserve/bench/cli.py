@@ -34,6 +34,7 @@ def register(sub: Any) -> None:
     bench_sub = p.add_subparsers(dest="bench_command", metavar="subcommand", required=True)
     register_serve(bench_sub)
     compare.register(bench_sub)
+    compare.register_drift(bench_sub)
     offline.register(bench_sub)
 
 

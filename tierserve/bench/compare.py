@@ -36,6 +36,7 @@ from tierserve.bench.peers.report import (
     plot_serve,
     serve_markdown,
 )
+from tierserve.bench.peers.rounds import aggregate_rounds, drift, drift_markdown, load_run
 from tierserve.bench.peers.serving import (
     DEFAULT_PEERS,
     CompareConfig,
@@ -51,20 +52,31 @@ from tierserve.bench.report import write_json
 logger = logging.getLogger(__name__)
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Served comparison; writes and returns ``compare.json``'s content."""
+    """Served comparison; writes and returns ``compare.json``'s content.
+
+    With ``cfg.repeats`` > 1 the engines run interleaved, one round after another, each round on the same prompts
+    (every engine restarts each round, so nothing is cached across rounds); ``rounds`` keeps every round's entries
+    (files under ``round<k>/``) and ``peers`` their medians (``rounds.aggregate_rounds``)."""
     out_dir = cfg.output_dir
     slices = workload_slices(cfg)
     data: dict[str, Any] = {"kind": "serve", "cpu": cpu_description(), "started_at": time.strftime("%FT%T%z"),
                             "settings": {**_settings_json(cfg), "num_requests": requests_per_level(cfg)},
-                            "peers": []}
+                            "peers": [], "rounds": []}
     settings = cfg.settings()
-    for name in cfg.peers:
-        peer, reason = prepare(name, settings, cfg.install)
-        if peer is None or reason is not None:
-            data["peers"].append({"peer": name, "status": "unavailable", "error": reason, "points": []})
-        else:
-            data["peers"].append(serve_peer(peer, cfg, slices, out_dir))
-        _write(data, out_dir, "compare", serve_markdown, plot_serve)
+    ready = [(name, *prepare(name, settings, cfg.install)) for name in cfg.peers]
+    for k in range(cfg.repeats):
+        entries: list[dict[str, Any]] = []
+        data["rounds"].append(entries)
+        round_dir = out_dir if cfg.repeats == 1 else out_dir / f"round{k + 1}"
+        for name, peer, reason in ready:
+            if cfg.repeats > 1:
+                print(f"round {k + 1}/{cfg.repeats}: {name}", file=sys.stderr, flush=True)
+            if peer is None or reason is not None:
+                entries.append({"peer": name, "status": "unavailable", "error": reason, "points": []})
+            else:
+                entries.append(serve_peer(peer, cfg, slices, round_dir))
+            data["peers"] = aggregate_rounds(data["rounds"])
+            _write(data, out_dir, "compare", serve_markdown, plot_serve)
     return data
 
 
@@ -176,6 +188,10 @@ def register(sub: Any) -> None:
     p.add_argument("--max-retries", type=int, default=2,
                    help="measure a level again (fresh prompts) while other processes took > 10%% of the CPU")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to be healthy")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="served mode: rounds, the engines interleaved (A B C, A B C, ...); the table shows medians "
+                        "over rounds and, as ratio, the median of the per-round ratios (steadier on a shared "
+                        "machine; each round takes as long as a single run)")
     o = p.add_argument_group("offline mode")
     o.add_argument("--offline", action="store_true", help="offline batch through each engine's LLM.generate")
     o.add_argument("--num-prompts", type=int, default=64)
@@ -193,6 +209,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         output_len=args.output_len, concurrency=args.max_concurrency, num_requests=args.num_requests,
         seed=args.seed, install=args.install or args.install_only, idle_min=args.idle_min,
         idle_timeout_s=args.idle_timeout, max_retries=args.max_retries, start_timeout_s=args.start_timeout,
+        repeats=args.repeats,
         output_dir=Path(args.output_dir or f"bench_results/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
     if args.check or args.install_only:
         for name in cfg.peers:
@@ -201,6 +218,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     try:
         requests_per_level(cfg)
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -210,6 +229,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; partial results in {cfg.output_dir}/", file=sys.stderr)
         return 130
+
+
+def register_drift(sub: Any) -> None:
+    """Register `bench drift`: how far the ratios of two served `bench compare` runs moved."""
+    p = sub.add_parser(
+        "drift", help="how far tierserve's ratios moved between two `bench compare` runs (re-run check)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Read two served `bench compare` results (their output folders or compare.json files) and "
+                    "print, for every concurrency and engine in both, tierserve ÷ engine in each run and the change. "
+                    "Exits 1 when a change exceeds the tolerance, 2 when a file cannot be read.")
+    p.add_argument("first", type=Path)
+    p.add_argument("second", type=Path)
+    p.add_argument("--tolerance", type=float, default=0.10, help="largest relative change accepted")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.set_defaults(func=cmd_drift)
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    try:
+        rows = drift(load_run(args.first), load_run(args.second))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print("error: the two runs share no (concurrency, engine) ratio", file=sys.stderr)
+        return 2
+    print(json.dumps(rows, indent=2) if args.json
+          else drift_markdown(rows, args.tolerance, (str(args.first), str(args.second))))
+    return 0 if all(abs(r["change"]) <= args.tolerance for r in rows) else 1
 
 
 def _interrupt(signum: int, frame: Any) -> None:

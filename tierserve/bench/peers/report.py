@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from tierserve.bench.peers.machine import cpu_summary
+from tierserve.bench.peers.rounds import BASELINE, point_ratio
 
-BASELINE = "tierserve"
+__all__ = ["BASELINE", "OTHER_LOAD_WARN", "offline_markdown", "plot_offline", "plot_serve", "serve_markdown"]
 OTHER_LOAD_WARN = 0.10
 """Share of the machine's CPU time taken by other processes during a run above which the report flags it."""
 
@@ -38,27 +39,38 @@ def _points(peer: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 def serve_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
+    repeats = int(s.get("repeats", 1))
+    how = (f"median of {repeats} interleaved rounds (ratio: median of the per-round ratios)" if repeats > 1
+           else "one pass per engine")
+    per_round = " output tok/s per round |" if repeats > 1 else ""
     lines = [f"### Served: {s['workload']} workload, {s['input_len']}-token prompts, {s['output_len']} tokens out, "
-             f"closed loop; {s['threads']} threads",
+             f"closed loop; {s['threads']} threads; {how}",
              "", f"CPU: {cpu_summary(data['cpu'])}. Model: {s['model']}. Ratio = tierserve ÷ engine "
              "(output tok/s: > 1 means tierserve is faster).", "",
              "| concurrency | engine | output tok/s | tierserve ÷ engine | TTFT p50 (ms) | TTFT p99 (ms) "
-             "| TPOT p50 (ms) | TPOT p99 (ms) | completed / failed |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| TPOT p50 (ms) | TPOT p99 (ms) | completed / failed |{per_round}",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if repeats > 1 else "")]
     base = next((_points(p) for p in data["peers"] if p["peer"] == BASELINE), {})
     for conc in s["concurrency"]:
-        ours = base.get(conc, {}).get("summary", {}).get("output_throughput")
         for peer in data["peers"]:
             point = _points(peer).get(conc)
             if point is None:
                 continue
             sm = point["summary"]
+            r = point_ratio(base.get(conc), point)
+            rounds = ""
+            if repeats > 1:
+                rounds = " " + ", ".join(fmt(v, 0) for v in point.get("rounds", [])) + " |"
             lines.append(
                 f"| {conc} | {peer['peer']} | {fmt(sm.get('output_throughput'))} "
-                f"| {ratio(ours, sm.get('output_throughput'))} | {fmt(_stat(sm, 'ttft_ms', 'median'), 0)} "
+                f"| {fmt(r, 2)} | {fmt(_stat(sm, 'ttft_ms', 'median'), 0)} "
                 f"| {fmt(_stat(sm, 'ttft_ms', 'p99'), 0)} | {fmt(_stat(sm, 'tpot_ms', 'median'))} "
-                f"| {fmt(_stat(sm, 'tpot_ms', 'p99'))} | {sm.get('completed', 0)} / {sm.get('failed', 0)} |")
-    lines += ["", *_engine_notes(data["peers"]), *_load_notes(data["peers"])]
+                f"| {fmt(_stat(sm, 'tpot_ms', 'p99'))} | {sm.get('completed', 0)} / {sm.get('failed', 0)} |{rounds}")
+    rounds_data = data.get("rounds") or [data["peers"]]
+    load = []
+    for i, rnd in enumerate(rounds_data):
+        load += _load_notes(rnd, f"round {i + 1}, " if len(rounds_data) > 1 else "")
+    lines += ["", *_engine_notes(data["peers"]), *(["", "Interference:", *load] if load else [])]
     return "\n".join(lines) + "\n"
 
 
@@ -67,19 +79,23 @@ def _engine_notes(peers: list[dict[str, Any]]) -> list[str]:
     for p in peers:
         if p["status"] == "ok":
             start = f", healthy {p['startup_s']:.1f} s after launch" if p.get("startup_s") is not None else ""
+            if "rounds_run" in p:
+                start += f" (median); ran in {p['rounds_ok']} of {p['rounds_run']} rounds"
             out.append(f"- {p['peer']}: {p.get('version', '')}; {p.get('weights', '')}{start}")
+            out += [f"  - {e.strip()}" for e in p.get("round_errors", [])]
         else:
             error = str(p.get("error", "")).strip().replace("\n", "\n  ")
             out.append(f"- {p['peer']}: **{p['status']}**: {error}")
     return out
 
 
-def _load_notes(peers: list[dict[str, Any]]) -> list[str]:
+def _load_notes(peers: list[dict[str, Any]], prefix: str = "") -> list[str]:
     notes = []
     for p in peers:
         items = p.get("points") or ([p] if "cpu" in p else [])
         for point in items:
-            label = f"{p['peer']}" + (f" at concurrency {point['concurrency']}" if "concurrency" in point else "")
+            at = f" at concurrency {point['concurrency']}" if "concurrency" in point else ""
+            label = f"{prefix}{p['peer']}{at}"
             cpu, idle = point.get("cpu") or {}, point.get("idle_before") or {}
             if cpu.get("other_load_frac", 0.0) > OTHER_LOAD_WARN:
                 notes.append(f"- {label}: other processes took {100 * cpu['other_load_frac']:.0f}% of the CPU "
@@ -90,7 +106,7 @@ def _load_notes(peers: list[dict[str, Any]]) -> list[str]:
             if idle and not idle.get("ok", True):
                 notes.append(f"- {label}: the machine was still busy ({100 * (idle.get('idle_fraction') or 0):.0f}% "
                              f"idle) when the run started")
-    return ["", "Interference:", *notes] if notes else []
+    return notes
 
 
 def offline_markdown(data: dict[str, Any]) -> str:
@@ -107,7 +123,8 @@ def offline_markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {p['peer']} | {fmt(p['output_throughput'])} | {fmt(p['total_token_throughput'])} "
                      f"| {ratio(ours, p['output_throughput'])} | {runs} | {p.get('dtype', '')} "
                      f"| {fmt(p.get('load_s'))} |")
-    lines += ["", *_engine_notes(data["peers"]), *_load_notes(data["peers"])]
+    load = _load_notes(data["peers"])
+    lines += ["", *_engine_notes(data["peers"]), *(["", "Interference:", *load] if load else [])]
     return "\n".join(lines) + "\n"
 
 

@@ -50,6 +50,8 @@ class CompareConfig:
     max_retries: int = 2
     start_timeout_s: float = 600.0
     request_timeout_s: float = 600.0
+    repeats: int = 1
+    """Rounds: every engine runs once per round, interleaved (A B C, A B C, ...); the report takes medians."""
 
     def settings(self) -> PeerSettings:
         slot = self.input_len + self.output_len
