@@ -1,10 +1,11 @@
 """bfloat16 (the default compute dtype on CPUs with native bf16) against transformers-bf16 on the same weights.
 
 bf16 greedy decoding of a 135M model is fragile: transformers-bf16 itself leaves transformers-fp32's greedy path on
-4 of the 8 prompts (at tokens 1, 16, 27 and 55). So the test asserts what must hold — every divergence is a near-tie
-(each side's token in the other's top-5) — and reports the fraction of tokens identical up to each first
-divergence (measured: 80% with the native CPU kernels, 65% before them; the engine-speed issue asks for 90%, not met,
-see BENCHMARKS.md).
+4 of the 8 prompts (at tokens 1, 16, 27 and 55), and agrees with *itself* on only ~55% of tokens when the same prompts
+run as one padded batch (second test). So the test asserts what must hold — every divergence is a near-tie (each
+side's token in the other's top-5) — and reports the fraction of tokens identical up to each first divergence
+(measured: 73% with attention rounding like torch's SDPA, 80% before that change, 65% before the native kernels; a
+single early flip moves it by ~10 points; the engine-speed issue asks for 90%, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.reference import compare, exactness_prompts, hf_greedy, ours_generated
+from tests.reference import Generated, compare, exactness_prompts, hf_greedy, ours_generated
 from tierserve import LLM, SamplingParams
 
 NEW_TOKENS = 64
@@ -27,9 +28,18 @@ def hf_bf16(gguf_path: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16)
 
 
-def test_bf16_greedy_agreement(hf_bf16: Any, hf_tokenizer: Any) -> None:
-    ids = [hf_tokenizer(p).input_ids for p in exactness_prompts()]
-    refs = [hf_greedy(hf_bf16, i, NEW_TOKENS) for i in ids]
+@pytest.fixture(scope="module")
+def prompt_ids(hf_tokenizer: Any) -> list[list[int]]:
+    return [hf_tokenizer(p).input_ids for p in exactness_prompts()]
+
+
+@pytest.fixture(scope="module")
+def refs(hf_bf16: Any, prompt_ids: list[list[int]]) -> list[Generated]:
+    return [hf_greedy(hf_bf16, i, NEW_TOKENS) for i in prompt_ids]
+
+
+def test_bf16_greedy_agreement(refs: list[Generated], prompt_ids: list[list[int]]) -> None:
+    ids = prompt_ids
     llm = LLM(dtype="bfloat16", kv_cache_memory="256MiB")
     outs = llm.generate(ids, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5),
                         use_tqdm=False)
@@ -38,3 +48,21 @@ def test_bf16_greedy_agreement(hf_bf16: Any, hf_tokenizer: Any) -> None:
           f"near-tie flips: {c.near_tie_flips}, other divergences: {len(c.failures)}")
     assert not c.failures, c.failures
     assert c.fraction_identical >= 0.5
+
+
+def test_transformers_bf16_against_itself(hf_bf16: Any, refs: list[Generated], prompt_ids: list[list[int]]) -> None:
+    """The yardstick for the figure above: transformers-bf16 run on the same prompts as one left-padded batch
+    instead of one at a time (only the GEMM shapes and the padding change) agrees with itself on ~55% of tokens
+    up to the first divergence (measured), every divergence again a near-tie."""
+    width = max(len(i) for i in prompt_ids)
+    ids = torch.tensor([[0] * (width - len(i)) + i for i in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids])
+    with torch.inference_mode():
+        out = hf_bf16.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    batched = [Generated(out.sequences[b, width:].tolist(), [set(s[b].topk(5).indices.tolist()) for s in out.scores])
+               for b in range(len(prompt_ids))]
+    c = compare(refs, batched, [f"prompt {i}" for i in range(len(prompt_ids))])
+    print(f"[bf16] transformers batched vs one at a time: {c.identical_tokens}/{c.total_tokens} = "
+          f"{c.fraction_identical:.2%}, near-tie flips: {c.near_tie_flips}")
+    assert not c.failures, c.failures

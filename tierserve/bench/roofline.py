@@ -47,10 +47,16 @@ def measure_peaks(n: int = 2048, reps: int = 5) -> MachinePeaks:
         a @ b
         out[dt] = 2 * n**3 / _median_time(lambda a=a, b=b: a @ b, reps) / 1e12
         del a, b
-    x = torch.ones(256 * 2**20, dtype=torch.float32)  # 1 GiB
+    return MachinePeaks(out[torch.bfloat16], out[torch.float32], measure_bandwidth(reps), torch.get_num_threads())
+
+
+def measure_bandwidth(reps: int = 5) -> float:
+    """Streaming read of 1 GiB (far beyond the caches), GB/s, median of ``reps`` after one warm-up. On a shared
+    machine the bandwidth left to this process moves with the neighbours' traffic (31-61 GB/s seen on one EPYC), so
+    benchmarks measure it again around their timed runs."""
+    x = torch.ones(256 * 2**20, dtype=torch.float32)
     x.sum()
-    bw = x.numel() * 4 / _median_time(x.sum, reps) / 1e9
-    return MachinePeaks(out[torch.bfloat16], out[torch.float32], bw, torch.get_num_threads())
+    return x.numel() * 4 / _median_time(x.sum, reps) / 1e9
 
 
 @dataclass

@@ -236,6 +236,42 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 }  // namespace
 
+torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
+                              const torch::Tensor& seq_lens, double scale);  // paged_attention.cpp
+
+// Every decoder layer of a decode-only step of a few sequences (the bf16 GEMV path) in one call: the same kernels,
+// in the same order and with the same rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a
+// Python round trip (and a GIL hand-over) for each of the ~9 ops of each layer. `weights` holds 6 tensors per layer
+// (input_norm, qkv, o_proj, post_norm, gate_up, down), `qkv_bias` one per layer or none. x (the residual stream) is
+// updated in place; returns the last layer's output delta (x + delta is the stream after the last layer).
+torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<torch::Tensor>& qkv_bias, const std::vector<torch::Tensor>& caches,
+                            const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
+                            const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
+                            double eps, int64_t num_heads, int64_t num_kv_heads) {
+  const int64_t L = static_cast<int64_t>(caches.size());
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(weights.size()) == 6 * L,
+              "decode_layers: 6 weights per layer and one cache per layer");
+  TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == L, "decode_layers: one qkv bias per layer");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: contiguous x [T, hidden]");
+  const int64_t T = x.size(0), D = cos.size(1), q_size = num_heads * D;
+  c10::optional<torch::Tensor> delta;
+  for (int64_t l = 0; l < L; ++l) {
+    const torch::Tensor* w = weights.data() + 6 * l;
+    c10::optional<torch::Tensor> bias;
+    if (!qkv_bias.empty()) bias = qkv_bias[l];
+    torch::Tensor h = rms_norm(x, delta, w[0], eps);
+    torch::Tensor qkv = linear_small(h, w[1], bias);
+    rope_and_cache(qkv, cos, sin, caches[l], slots, num_heads, num_kv_heads);
+    torch::Tensor a = ts_paged_decode(qkv.narrow(1, 0, q_size).view({T, num_heads, D}), caches[l], block_tables,
+                                      seq_lens, scale);
+    delta = linear_small(a.view({T, q_size}), w[2], c10::nullopt);
+    h = rms_norm(x, delta, w[3], eps);
+    delta = linear_small(silu_mul(linear_small(h, w[4], c10::nullopt)), w[5], c10::nullopt);
+  }
+  return *delta;
+}
+
 void register_fused_ops(pybind11::module& m) {
   // The GIL is released while a kernel runs (as torch's own ops do), so the server's event loop is not stalled.
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
@@ -246,4 +282,5 @@ void register_fused_ops(pybind11::module& m) {
   m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache",
         release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", release());
+  m.def("decode_layers", &decode_layers, "all decoder layers of a small bf16 decode step in one call", release());
 }

@@ -126,11 +126,12 @@ template <typename T>
 void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& ks, const Span<T>& vs, int64_t ctx,
             float scale, T* out, int64_t out_tok_stride, std::vector<float>& scratch) {
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
-  scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d));
+  scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d + nq));
   float* qf = scratch.data();
   float* sc = qf + nq * d;
   float* acc = sc + nq * ctx;
   float* row = acc + nq * d;
+  float* inv_z = row + d;
 #ifdef TS_AVX512_BF16
   constexpr bool fast_type = std::is_same_v<T, at::BFloat16>;
 #else
@@ -140,7 +141,6 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
   if (!fast) {
     for (int64_t r = 0; r < nq; ++r) {
       load_row(qs.row(r), qf + r * d, d);
-      for (int64_t i = 0; i < d; ++i) qf[r * d + i] *= scale;
     }
   }
   // First row that sees key t (limits are nondecreasing).
@@ -173,11 +173,14 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < d; ++i) s += qr[i] * row[i];
-        sc[r * ctx + t0 + j] = s;
+        sc[r * ctx + t0 + j] = s * scale;  // scaled after the dot product, as torch's flash kernel does
       }
     }
   }
-  // Softmax per row over its visible keys; invisible ones get probability 0.
+  // Softmax per row over its visible keys, rounded where torch's CPU flash attention (what transformers' SDPA runs)
+  // rounds: e = exp(s - max) in fp32, the sum z over the unrounded e, e stored in the storage dtype for the p.V
+  // product (a no-op for fp32), and the division by z applied to the fp32 output accumulator at the end.
+  // Invisible keys get weight 0.
   for (int64_t r = 0; r < nq; ++r) {
     float* s = sc + r * ctx;
     const int64_t lim = limit[r];
@@ -191,18 +194,19 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
       __m512 zv = _mm512_setzero_ps();
       for (; t + 16 <= lim; t += 16) {
         const __m512 e = tierserve_vec::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-        _mm512_storeu_ps(s + t, e);
         zv = _mm512_add_ps(zv, e);
+        _mm512_storeu_ps(s + t, std::is_same_v<T, at::BFloat16>
+                                    ? tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(e)) : e);
       }
       z = _mm512_reduce_add_ps(zv);
     }
 #endif
     for (; t < lim; ++t) {
-      s[t] = std::exp(s[t] - m);
-      z += s[t];
+      const float e = std::exp(s[t] - m);
+      z += e;
+      s[t] = tierserve_vec::f32(static_cast<T>(e));
     }
-    const float inv = 1.f / z;
-    for (int64_t t = 0; t < lim; ++t) s[t] *= inv;
+    inv_z[r] = 1.f / z;
     for (int64_t t = lim; t < ctx; ++t) s[t] = 0.f;
   }
   // Pass 2: out = p.V.
@@ -235,7 +239,7 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
   }
   for (int64_t r = 0; r < nq; ++r) {
     T* o = out + (r / G) * out_tok_stride + (r % G) * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[r * d + i]);
+    for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(acc[r * d + i] * inv_z[r]);
   }
 }
 
@@ -345,6 +349,12 @@ torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, 
 }
 
 }  // namespace
+
+// For decode_layers (fused_ops.cpp): the decode kernel with external linkage.
+torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
+                              const torch::Tensor& seq_lens, double scale) {
+  return paged_decode(q, cache, block_tables, seq_lens, scale);
+}
 
 void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
 

@@ -16,6 +16,7 @@ from torch import nn
 from tierserve.config import ModelConfig
 from tierserve.errors import ModelLoadError
 from tierserve.model_executor.attention.base import AttentionBackend, AttentionMetadata
+from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
 from tierserve.model_executor.models.rope import apply_rope, rope_cos_sin
 
 
@@ -81,6 +82,9 @@ class LlamaForCausalLM(nn.Module):
     small_gemv: bool = False
     """Use the native GEMV for bf16 steps of at most ``SMALL_BATCH_ROWS`` rows (only where it has its AVX-512-BF16
     path; its portable loop is slower than oneDNN)."""
+    fused_decode: bool = True
+    """On the GEMV path, a decode-only step runs every layer in one native call (``decode_layers``: the same kernels
+    in the same order, without a Python round trip per op)."""
     packed: dict[int, torch.Tensor] | None = None
     """oneDNN-packed copies of the projection weights (id(weight) -> packed), made by ``pack_weights``."""
 
@@ -97,6 +101,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(cfg, max_positions)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
+        self._decode_args: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def _layers(self) -> list[LlamaLayer]:
         return [cast(LlamaLayer, m) for m in self.layers]
@@ -121,6 +126,17 @@ class LlamaForCausalLM(nn.Module):
         x = rms_norm(x.index_select(0, logits_indices), self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()
+
+    def _decode_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer (input_norm, qkv, o_proj, post_norm, gate_up, down), and the qkv biases if any: the argument
+        lists of the native ``decode_layers`` (built once)."""
+        if self._decode_args is None:
+            layers = self._layers()
+            weights: list[torch.Tensor] = [
+                w for la in layers for w in (la.input_norm, la.qkv, la.o_proj, la.post_norm, la.gate_up, la.down)]
+            biases: list[torch.Tensor] = [la.qkv_bias for la in layers if la.qkv_bias is not None]
+            self._decode_args = (weights, biases)
+        return self._decode_args
 
     def pack_weights(self, batch_hint: int = 64) -> int:
         """Keep oneDNN-blocked copies of the bf16 projection and head weights for the GEMMs of larger batches
@@ -167,7 +183,14 @@ class LlamaForCausalLM(nn.Module):
         cos = self.cos.index_select(0, positions)
         sin = self.sin.index_select(0, positions)
         delta: torch.Tensor | None = None
-        for layer, cache in zip(self._layers(), kv_caches):
+        if (gemv and self.fused_decode and t <= SMALL_BATCH_ROWS and meta.num_decode_tokens == t
+                and isinstance(attn, CpuAttentionBackend)):
+            # a decode step of a few sequences: all layers in one native call (same kernels, same order)
+            weights, biases = self._decode_weights()
+            delta = ops.decode_layers(x, weights, biases, kv_caches, cos, sin, meta.slot_mapping,
+                                      meta.decode_block_tables, meta.decode_seq_lens, attn.scale, self.cfg.rms_norm_eps,
+                                      self.cfg.num_heads, self.cfg.num_kv_heads)
+        for layer, cache in zip(self._layers() if delta is None else [], kv_caches):
             h = ops.rms_norm(x, delta, layer.input_norm, layer.eps)  # x += delta first
             qkv = linear(h, layer.qkv, layer.qkv_bias)
             ops.rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, layer.num_heads, layer.num_kv_heads)

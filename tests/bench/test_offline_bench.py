@@ -1,0 +1,26 @@
+"""`tierserve bench latency` end to end on the real model: its JSON holds the figures the roofline claim is made of,
+with the memory bandwidth measured around every timed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tierserve.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_latency_json(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    assert main(["bench", "latency", "--runs", "2", "--input-len", "16", "--output-len", "8",
+                 "--kv-cache-memory", "64MiB", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    bws = r["runs"]["mem_read_gbps"]
+    assert len(bws) == 3 and all(b > 0 for b in bws)  # at start and after each run
+    assert r["peaks"]["mem_read_gbps"] == pytest.approx(sorted(bws)[1])  # the median is the roofline's bandwidth
+    assert r["bandwidth_roofline_tpot_s"] == pytest.approx(r["weight_bytes"] / (sorted(bws)[1] * 1e9), rel=1e-6)
+    assert r["bandwidth_roofline_fraction"] == pytest.approx(r["bandwidth_roofline_tpot_s"] / r["tpot_s"])
+    assert len(r["runs"]["tpot_s"]) == 2 and r["tpot_s"] > 0
