@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tierserve.cli import engine_kwargs
-    from tierserve.engine.async_engine import AsyncEngine
+    from tierserve.engine.async_engine import AsyncEngine, build_off_main_thread
     from tierserve.engine.llm import LLM
     from tierserve.errors import TierserveError
     from tierserve.server.app import build_app
@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("tierserve.server.requests").setLevel(logging.WARNING)
     logger.info("server config: %s", config.describe())
     try:
-        engine = LLM(**engine_kwargs(args)).engine
+        engine = build_off_main_thread(lambda: LLM(**engine_kwargs(args)).engine)
     except TierserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
