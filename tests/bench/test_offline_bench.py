@@ -24,3 +24,14 @@ def test_latency_json(tmp_path: Path) -> None:
     assert r["bandwidth_roofline_tpot_s"] == pytest.approx(r["weight_bytes"] / (sorted(bws)[1] * 1e9), rel=1e-6)
     assert r["bandwidth_roofline_fraction"] == pytest.approx(r["bandwidth_roofline_tpot_s"] / r["tpot_s"])
     assert len(r["runs"]["tpot_s"]) == 2 and r["tpot_s"] > 0
+
+
+def test_throughput_json(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    assert main(["bench", "throughput", "--runs", "2", "--num-prompts", "3", "--input-len", "16", "--output-len", "4",
+                 "--kv-cache-memory", "64MiB", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    reads = r["mem_read_gbps_reads"]
+    assert len(reads) == 3 and r["peaks"]["mem_read_gbps"] == pytest.approx(sorted(reads)[1])
+    assert r["output_throughput"] == pytest.approx(3 * 4 / r["median_s"])
+    assert r["roofline_fraction"] == pytest.approx(r["roofline_s"] / r["median_s"])

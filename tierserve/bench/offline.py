@@ -8,7 +8,6 @@ FLOP utilisation (MFU: useful FLOPs per second / measured bf16 GEMM peak).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -22,6 +21,7 @@ from tierserve.bench.roofline import (
     measure_bandwidth,
     measure_peaks,
     offline_roofline_seconds,
+    with_bandwidth_of,
 )
 
 
@@ -47,6 +47,11 @@ def _header(llm: Any, peaks: MachinePeaks) -> dict[str, Any]:
             "model": llm.engine.model_config.name, "peaks": peaks.to_json()}
 
 
+def _bandwidth_text(reads: list[float]) -> str:
+    return (f"{statistics.median(reads):.1f} GB/s (median of {len(reads)} reads: at start and after each run; "
+            f"{min(reads):.1f}-{max(reads):.1f})")
+
+
 def cmd_throughput(args: argparse.Namespace) -> int:
     llm = _llm(args)
     peaks = measure_peaks()
@@ -60,30 +65,33 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     llm.generate(prompts[: min(4, len(prompts))], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # warm-up
     runs = []
+    bandwidths = [peaks.mem_read_gbps]
     for i in range(args.runs):
         t = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=not args.json)
         runs.append(time.perf_counter() - t)
+        bandwidths.append(measure_bandwidth(3))
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         if n_out != args.num_prompts * args.output_len:
             print(f"error: run {i} produced {n_out} tokens, expected {args.num_prompts * args.output_len}",
                   file=sys.stderr)
             return 1
     med = statistics.median(runs)
+    peaks = with_bandwidth_of(peaks, bandwidths)
     n_out, n_in = args.num_prompts * args.output_len, args.num_prompts * args.input_len
     roof = offline_roofline_seconds(cost, peaks, dtype, args.num_prompts, args.input_len, args.output_len,
                                     eng.config.scheduler.max_num_seqs, eng.config.scheduler.max_num_batched_tokens)
     useful_flops = 2 * cost.linear_params * (n_in + n_out) + 2 * cost.head_params * n_out
     result = {**_header(llm, peaks), "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                                   "output_len": args.output_len},
-              "runs_s": runs, "median_s": med, "output_throughput": n_out / med,
+              "runs_s": runs, "mem_read_gbps_reads": bandwidths, "median_s": med, "output_throughput": n_out / med,
               "total_token_throughput": (n_in + n_out) / med, "roofline_s": roof,
               "roofline_output_throughput": n_out / roof, "roofline_fraction": roof / med,
               "mfu": useful_flops / med / (peaks.gemm_tflops_bf16 * 1e12)}
     _emit(args, result, [
         f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); measured GEMM peak "
         f"{peaks.gemm_tflops_bf16:.3f} TFLOP/s bf16 / {peaks.gemm_tflops_fp32:.3f} fp32, read bandwidth "
-        f"{peaks.mem_read_gbps:.1f} GB/s",
+        f"{_bandwidth_text(bandwidths)}",
         f"{args.num_prompts} prompts x {args.input_len} tokens, {args.output_len} new: median {med:.2f} s over "
         f"{args.runs} runs ({', '.join(f'{r:.2f}' for r in runs)})",
         f"output {n_out / med:.1f} tok/s, total {(n_in + n_out) / med:.1f} tok/s",
@@ -121,10 +129,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         e2es.append(end - t0)
         bandwidths.append(measure_bandwidth(3))
     tpot = statistics.median(tpots)
-    # the roofline with the bandwidth this process had during the runs: median of the measurements before and after
-    # each run (one read at start can catch a quiet moment of the neighbours and be 2x the usual)
-    bw = statistics.median(bandwidths)
-    peaks = dataclasses.replace(peaks, mem_read_gbps=bw)
+    peaks = with_bandwidth_of(peaks, bandwidths)
     roof = decode_bandwidth_roofline_s(cost, peaks)
     result = {**_header(llm, peaks), "workload": {"input_len": args.input_len, "output_len": args.output_len},
               "ttft_s": statistics.median(ttfts), "tpot_s": tpot, "e2e_s": statistics.median(e2es),
@@ -133,8 +138,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
               "runs": {"ttft_s": ttfts, "tpot_s": tpots, "mem_read_gbps": bandwidths}}
     _emit(args, result, [
         f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); read bandwidth "
-        f"{bw:.1f} GB/s (median of {len(bandwidths)} reads around the runs, {min(bandwidths):.1f}-"
-        f"{max(bandwidths):.1f})",
+        f"{_bandwidth_text(bandwidths)}",
         f"one stream, {args.input_len}-token prompt, {args.output_len} new, median of {args.runs}: "
         f"TTFT {result['ttft_s'] * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms ({1 / tpot:.1f} tok/s)",
         f"bandwidth roofline: {cost.weight_bytes / 1e6:.0f} MB of weights per token -> {roof * 1e3:.2f} ms; "

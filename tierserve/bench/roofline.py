@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -57,6 +57,12 @@ def measure_bandwidth(reps: int = 5) -> float:
     x = torch.ones(256 * 2**20, dtype=torch.float32)
     x.sum()
     return x.numel() * 4 / _median_time(x.sum, reps) / 1e9
+
+
+def with_bandwidth_of(peaks: MachinePeaks, reads: list[float]) -> MachinePeaks:
+    """``peaks`` with the median of ``reads`` (GB/s, taken at start and after each timed run) as its bandwidth: the
+    bandwidth this process had during the runs, not at one moment."""
+    return replace(peaks, mem_read_gbps=statistics.median(reads))
 
 
 @dataclass

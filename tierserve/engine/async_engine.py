@@ -38,9 +38,10 @@ def build_off_main_thread(factory: Callable[[], T]) -> T:
     Why: the engine's steps run on the engine thread, and every torch / native kernel call there opens an OpenMP
     parallel region. GNU OpenMP keeps one pool of worker threads per thread that opens regions; once the pools hold
     more threads than there are CPUs, it stops letting idle workers spin and puts them to sleep after ~1000 spins, so
-    every region pays a futex wake-up. Loading the model on the main thread left its pool behind, and the engine
-    thread's regions became ~6x slower (a 256x576 add: 56 vs 9 us; one-stream decode 18 vs 12 ms per token). A pool
-    is freed when its thread exits, so building on a thread that then exits leaves the engine thread's pool alone.
+    every region pays a futex wake-up. Loading the model on the main thread left its pool behind and made every
+    kernel call on the engine thread slow (`pytest tests/engine/test_engine_thread.py -s` prints both layouts;
+    served one-stream TPOT went 17.3 -> 9.4 ms with this fix, BENCHMARKS.md). A pool is freed when its thread
+    exits, so building on a thread that then exits leaves the engine thread's pool alone.
     """
     box: dict[str, Any] = {}
 

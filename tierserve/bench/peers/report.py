@@ -70,8 +70,12 @@ def serve_markdown(data: dict[str, Any]) -> str:
     load = []
     for i, rnd in enumerate(rounds_data):
         load += _load_notes(rnd, f"round {i + 1}, " if len(rounds_data) > 1 else "")
-    lines += ["", *_engine_notes(data["peers"]), *(["", "Interference:", *load] if load else [])]
+    lines += ["", *_engine_notes(data["peers"]), *_interference(load)]
     return "\n".join(lines) + "\n"
+
+
+def _interference(notes: list[str]) -> list[str]:
+    return ["", "Interference:", *notes] if notes else []
 
 
 def _engine_notes(peers: list[dict[str, Any]]) -> list[str]:
@@ -123,8 +127,7 @@ def offline_markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {p['peer']} | {fmt(p['output_throughput'])} | {fmt(p['total_token_throughput'])} "
                      f"| {ratio(ours, p['output_throughput'])} | {runs} | {p.get('dtype', '')} "
                      f"| {fmt(p.get('load_s'))} |")
-    load = _load_notes(data["peers"])
-    lines += ["", *_engine_notes(data["peers"]), *(["", "Interference:", *load] if load else [])]
+    lines += ["", *_engine_notes(data["peers"]), *_interference(_load_notes(data["peers"]))]
     return "\n".join(lines) + "\n"
 
 

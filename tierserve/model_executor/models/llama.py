@@ -190,14 +190,15 @@ class LlamaForCausalLM(nn.Module):
             delta = ops.decode_layers(x, weights, biases, kv_caches, cos, sin, meta.slot_mapping,
                                       meta.decode_block_tables, meta.decode_seq_lens, attn.scale, self.cfg.rms_norm_eps,
                                       self.cfg.num_heads, self.cfg.num_kv_heads)
-        for layer, cache in zip(self._layers() if delta is None else [], kv_caches):
-            h = ops.rms_norm(x, delta, layer.input_norm, layer.eps)  # x += delta first
-            qkv = linear(h, layer.qkv, layer.qkv_bias)
-            ops.rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, layer.num_heads, layer.num_kv_heads)
-            q = qkv[:, : layer.q_size].view(t, layer.num_heads, layer.head_dim)
-            delta = linear(attn.attend(q, cache, meta), layer.o_proj)
-            h = ops.rms_norm(x, delta, layer.post_norm, layer.eps)
-            delta = linear(ops.silu_mul(linear(h, layer.gate_up)), layer.down)
+        else:
+            for layer, cache in zip(self._layers(), kv_caches):
+                h = ops.rms_norm(x, delta, layer.input_norm, layer.eps)  # x += delta first
+                qkv = linear(h, layer.qkv, layer.qkv_bias)
+                ops.rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, layer.num_heads, layer.num_kv_heads)
+                q = qkv[:, : layer.q_size].view(t, layer.num_heads, layer.head_dim)
+                delta = linear(attn.attend(q, cache, meta), layer.o_proj)
+                h = ops.rms_norm(x, delta, layer.post_norm, layer.eps)
+                delta = linear(ops.silu_mul(linear(h, layer.gate_up)), layer.down)
         assert delta is not None
         x = (x.index_select(0, logits_indices) + delta.index_select(0, logits_indices))
         h = ops.rms_norm(x, None, self.norm, self.cfg.rms_norm_eps)
