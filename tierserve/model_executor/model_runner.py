@@ -19,6 +19,7 @@ from tierserve.model_executor.attention import AttentionMetadata, get_backend, r
 from tierserve.model_executor.models.llama import LlamaForCausalLM
 from tierserve.model_executor.sampler import SamplerOutput, sample
 from tierserve.request import Request
+from tierserve.utils.hugepages import thp_mode
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class ModelRunner:
         self.num_blocks = int(num_blocks)
         self.kv_bytes = self.num_blocks * per_block
         self.kv_caches = self.attn.allocate_kv_cache(model_config.num_layers, self.num_blocks, dtype, device)
+        if device.type == "cpu":
+            arena = self.model.place_weights_in_arena()
+            logger.info("weights: %.0f MiB in one arena (transparent huge pages: %s)", arena / 2**20, thp_mode())
         if self.attention_backend == "cpu" and device.type == "cpu":
             from tierserve.kernels import cpu_ops
 

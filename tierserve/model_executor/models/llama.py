@@ -138,6 +138,28 @@ class LlamaForCausalLM(nn.Module):
             self._decode_args = (weights, biases)
         return self._decode_args
 
+    def weights_in_step_order(self) -> list[torch.Tensor]:
+        """Every weight once, in the order a decode step reads them (layer by layer, then the final norm and the
+        LM head; the embedding is the head when they are tied)."""
+        out: list[torch.Tensor] = []
+        for la in self._layers():
+            out += [la.input_norm, la.qkv] + ([la.qkv_bias] if la.qkv_bias is not None else [])
+            out += [la.o_proj, la.post_norm, la.gate_up, la.down]
+        out.append(self.norm)
+        if self.lm_head is not None:
+            out.append(self.lm_head)
+        out.append(self.embed)
+        return out
+
+    def place_weights_in_arena(self) -> int:
+        """Move the weights (CPU) into one huge-page arena in step order: a decode step then streams them as one
+        sequence from 2 MiB pages (1.7x the GEMV bandwidth of scattered 4 KiB-page tensors on the EPYC; see
+        ``tierserve.utils.hugepages``). Returns the arena's bytes."""
+        from tierserve.utils.hugepages import move_to_arena
+
+        self._decode_args = None
+        return move_to_arena(self.weights_in_step_order()).numel()
+
     def pack_weights(self, batch_hint: int = 64) -> int:
         """Keep oneDNN-blocked copies of the bf16 projection and head weights for the GEMMs of larger batches
         (faster than ``F.linear`` on the plain layout at decode batch sizes, bit-identical results); the plain
