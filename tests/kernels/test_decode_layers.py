@@ -1,4 +1,4 @@
-"""``decode_layers`` (every decoder layer of a small bf16 decode step in one native call) against the per-op loop
+"""``decode_layers`` (every decoder layer of a bf16 decode step in one native call) against the per-op loop
 it replaces: identical tokens and identical log-probabilities, on the real model."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tierserve.kernels import cpu_ops
 
 ops = cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None or not getattr(ops, "has_avx512_bf16", False),
-                                reason="the GEMV path (and decode_layers) needs the AVX-512-BF16 kernels")
+                                reason="linear_vnni (and decode_layers) needs the AVX-512-BF16 kernels")
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Memory is the bottleneck of serving because"]
 
@@ -27,8 +27,8 @@ def run(llm: LLM, fused: bool, prompts: list[str]) -> list[tuple[list[int], list
 
 def test_one_call_equals_the_op_loop() -> None:
     llm = LLM(dtype="bfloat16", kv_cache_memory="64MiB", attention_backend="cpu")
-    assert llm.engine.runner.model.small_gemv
-    for prompts in (PROMPTS[:1], PROMPTS):  # one sequence, and a batch of three (decode steps of <= 4 rows)
+    assert llm.engine.runner.model.vnni is not None
+    for prompts in (PROMPTS[:1], PROMPTS, PROMPTS * 4):  # one sequence, and batches of 3 and 12 rows
         assert run(llm, True, prompts) == run(llm, False, prompts)
 
 

@@ -68,25 +68,49 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(ops.silu_mul(gu).float(), ref.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("m", [0, 1, 3, 4, 9])
-@pytest.mark.parametrize("n,k", [(960, 576), (100, 70), (33, 1536)])
-def test_linear_small_matches_fp32_reference(m: int, n: int, k: int) -> None:
-    """bf16 in/out, fp32 accumulation: within one bf16 rounding of the exact product; K not a multiple of 32 and N
-    not a multiple of the row tile take the masked tails."""
+needs_vnni = pytest.mark.skipif(not getattr(ops, "has_avx512_bf16", False),
+                                reason="linear_vnni's vector path needs AVX-512-BF16 (the portable loop is tested there)")
+
+
+@pytest.mark.parametrize("m", [0, 1, 3, 9, 20])
+@pytest.mark.parametrize("n,k", [(960, 576), (32, 70), (48, 1535)])
+def test_linear_vnni_matches_fp32_reference(m: int, n: int, k: int) -> None:
+    """bf16 in/out, fp32 accumulation: within one bf16 rounding of the exact product; an odd K is padded, a row
+    count that is not a multiple of the 8-row tile takes the smaller tiles."""
     x = torch.randn(m, k, generator=_g()).bfloat16()
     w = (torch.randn(n, k, generator=_g(1)) * 0.05).bfloat16()
     b = torch.randn(n, generator=_g(2)).bfloat16()
+    wp = ops.pack_vnni(w)
     ref = F.linear(x.float(), w.float(), b.float())
-    out = ops.linear_small(x, w, b)
+    out = ops.linear_vnni(x, wp, b)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=8e-3)
-    torch.testing.assert_close(ops.linear_small(x, w).float(), F.linear(x.float(), w.float()), atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(ops.linear_vnni(x, wp).float(), F.linear(x.float(), w.float()), atol=1e-2, rtol=8e-3)
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 4, 16, 200])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (3072, 576)])
+def test_linear_vnni_rounds_like_torch_linear(m: int, n: int, k: int) -> None:
+    """Each output accumulates its k pairs in order in fp32, as oneDNN's bf16 GEMM (torch's, so transformers')
+    does: the outputs are bit-identical to F.linear's but for rare last-bit differences (measured 99.65-100%)."""
+    x = torch.randn(m, k, generator=_g()).bfloat16()
+    w = (torch.randn(n, k, generator=_g(1)) * 0.05).bfloat16()
+    same = (ops.linear_vnni(x, ops.pack_vnni(w)) == F.linear(x, w)).float().mean().item()
+    assert same >= 0.99, same
 
 
 def test_bad_shapes_raise() -> None:
-    with pytest.raises(RuntimeError, match="linear_small"):
-        ops.linear_small(torch.zeros(2, 8).bfloat16(), torch.zeros(4, 9).bfloat16())
-    with pytest.raises(RuntimeError, match="bf16 only"):
-        ops.linear_small(torch.zeros(2, 8), torch.zeros(4, 8))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.pack_vnni(torch.zeros(20, 8).bfloat16())
+    wp = ops.pack_vnni(torch.zeros(16, 8).bfloat16())
+    with pytest.raises(RuntimeError, match="x has 9 features"):
+        ops.linear_vnni(torch.zeros(2, 9).bfloat16(), wp)
+    with pytest.raises(RuntimeError, match="bf16"):
+        ops.linear_vnni(torch.zeros(2, 8), wp)
+    with pytest.raises(RuntimeError, match="pack_vnni"):
+        ops.linear_vnni(torch.zeros(2, 8).bfloat16(), torch.zeros(16, 8).bfloat16())
+    with pytest.raises(RuntimeError, match="bias must have 16"):
+        ops.linear_vnni(torch.zeros(2, 8).bfloat16(), wp, torch.zeros(3).bfloat16())
     with pytest.raises(RuntimeError, match="rms_norm"):
         ops.rms_norm(torch.zeros(2, 8), None, torch.zeros(9), 1e-5)

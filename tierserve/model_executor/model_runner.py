@@ -19,9 +19,15 @@ from tierserve.model_executor.attention import AttentionMetadata, get_backend, r
 from tierserve.model_executor.models.llama import LlamaForCausalLM
 from tierserve.model_executor.sampler import SamplerOutput, sample
 from tierserve.request import Request
+from tierserve.utils.cpu import cpu_info
 from tierserve.utils.hugepages import thp_mode
 
 logger = logging.getLogger(__name__)
+
+
+AMX_VNNI_MAX_ROWS = 32
+"""On CPUs with AMX, steps up to this many rows use the native linear, larger ones oneDNN's AMX GEMM (a guess from
+the peak ratio, ~6x on those Xeons; not measured here: no AMX machine was available)."""
 
 
 @dataclass
@@ -72,11 +78,15 @@ class ModelRunner:
             from tierserve.kernels import cpu_ops
 
             self.model.fused_ops = cpu_ops()
-            if self.model.fused_ops is not None:
-                self.model.small_gemv = bool(getattr(self.model.fused_ops, "has_avx512_bf16", False))
-                extra = self.model.pack_weights()
-                if extra:
-                    logger.info("packed %.0f MiB of bf16 weights for oneDNN GEMMs", extra / 2**20)
+            ops = self.model.fused_ops
+            if ops is not None and dtype == torch.bfloat16 and getattr(ops, "has_avx512_bf16", False):
+                extra = self.model.pack_vnni_weights(ops)
+                logger.info("packed %.0f MiB of bf16 weights for the native AVX-512-BF16 linear", extra / 2**20)
+                if cpu_info().has_amx:
+                    # oneDNN's AMX tiles beat AVX-512 dot products on prefill-sized GEMMs; decode stays native
+                    self.model.vnni_max_rows = AMX_VNNI_MAX_ROWS
+                    extra = self.model.pack_weights()
+                    logger.info("packed %.0f MiB of bf16 weights for oneDNN (AMX) GEMMs", extra / 2**20)
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
 

@@ -1,7 +1,7 @@
-// Fused per-layer CPU ops for the decoder: small-batch bf16 GEMV, RMSNorm (+ residual add), RoPE + KV-cache write,
-// SiLU-and-multiply. Each replaces a chain of torch ops (one parallel region and one pass over memory instead of
-// several) and rounds to the tensor dtype exactly where the unfused torch/transformers code does, so bf16 results
-// follow the same rounding steps and float32 results are unchanged up to summation order.
+// Fused per-layer CPU ops for the decoder: RMSNorm (+ residual add), RoPE + KV-cache write, SiLU-and-multiply,
+// and the whole-step decode_layers. Each replaces a chain of torch ops (one parallel region and one pass over memory
+// instead of several) and rounds to the tensor dtype exactly where the unfused torch/transformers code does, so bf16
+// results follow the same rounding steps and float32 results are unchanged up to summation order.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -22,78 +22,6 @@ using namespace tierserve_vec;  // NOLINT
 template <typename T>
 inline float rnd(float x) {
   return f32(static_cast<T>(x));
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-#ifdef TS_AVX512_BF16
-// One weight row against MR rows of x (compile-time MR, so the accumulators live in registers).
-template <int MR>
-inline void gemv_row(const at::BFloat16* xp, const at::BFloat16* wr, int64_t K, float* out) {
-  __m512 acc[MR];
-  for (int a = 0; a < MR; ++a) acc[a] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? 0xFFFFFFFFu : ((1u << (K - k)) - 1u);
-    const __m512i wv = _mm512_maskz_loadu_epi16(mask, wr + k);
-    for (int a = 0; a < MR; ++a) {
-      const __m512i xv = _mm512_maskz_loadu_epi16(mask, xp + a * K + k);
-      acc[a] = _mm512_dpbf16_ps(acc[a], (__m512bh)xv, (__m512bh)wv);
-    }
-  }
-  for (int a = 0; a < MR; ++a) out[a] = _mm512_reduce_add_ps(acc[a]);
-}
-#endif
-
-// y[M, N] = x[M, K] @ w[N, K]^T (+ bias), bf16 in/out, fp32 accumulation. For small M (decode of a few sequences),
-// where the GEMM libraries are far from the memory bandwidth: every weight row is streamed once and used for all M
-// rows of x. Parallel over output features.
-torch::Tensor linear_small(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_small: x [M,K], w [N,K]");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "linear_small: bf16 only");
-  TORCH_CHECK(w.is_contiguous(), "linear_small: contiguous weight");
-  auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
-  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const at::BFloat16* bp = nullptr;
-  torch::Tensor bc;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kBFloat16, "linear_small: bias [N] bf16");
-    bp = bc.data_ptr<at::BFloat16>();
-  }
-  // One weight row at a time, in order: a single sequential stream per thread, which the hardware prefetcher
-  // follows better than several interleaved rows. Each loaded weight vector serves up to 4 rows of x from registers.
-  at::parallel_for(0, N, 64, [&](int64_t nb, int64_t ne) {
-    for (int64_t n = nb; n < ne; ++n) {
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mr = std::min<int64_t>(4, M - m0);
-        float out[4];
-#ifdef TS_AVX512_BF16
-        const at::BFloat16* xr = xp + m0 * K;
-        switch (mr) {
-          case 1: gemv_row<1>(xr, wp + n * K, K, out); break;
-          case 2: gemv_row<2>(xr, wp + n * K, K, out); break;
-          case 3: gemv_row<3>(xr, wp + n * K, K, out); break;
-          default: gemv_row<4>(xr, wp + n * K, K, out); break;
-        }
-#else
-        for (int64_t a = 0; a < mr; ++a) {
-          const at::BFloat16* xr = xp + (m0 + a) * K;
-          const at::BFloat16* wr = wp + n * K;
-          float s = 0.f;
-          for (int64_t k = 0; k < K; ++k) s += f32(xr[k]) * f32(wr[k]);
-          out[a] = s;
-        }
-#endif
-        const float b = bp ? f32(bp[n]) : 0.f;
-        for (int64_t a = 0; a < mr; ++a) yp[(m0 + a) * N + n] = static_cast<at::BFloat16>(out[a] + b);
-      }
-    }
-  });
-  return y;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -238,11 +166,13 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
                               const torch::Tensor& seq_lens, double scale);  // paged_attention.cpp
+torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp,
+                          const c10::optional<torch::Tensor>& bias);  // linear_vnni.cpp
 
-// Every decoder layer of a decode-only step of a few sequences (the bf16 GEMV path) in one call: the same kernels,
-// in the same order and with the same rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a
-// Python round trip (and a GIL hand-over) for each of the ~9 ops of each layer. `weights` holds 6 tensors per layer
-// (input_norm, qkv, o_proj, post_norm, gate_up, down), `qkv_bias` one per layer or none. x (the residual stream) is
+// Every decoder layer of a decode-only bf16 step in one call: the same kernels, in the same order and with the same
+// rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a Python round trip (and a GIL hand-over)
+// for each of the ~9 ops of each layer. `weights` holds 6 tensors per layer (input_norm, qkv, o_proj, post_norm,
+// gate_up, down; the four projections packed by pack_vnni), `qkv_bias` one per layer or none. x (the residual stream) is
 // updated in place; returns the last layer's output delta (x + delta is the stream after the last layer).
 torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& weights,
                             const std::vector<torch::Tensor>& qkv_bias, const std::vector<torch::Tensor>& caches,
@@ -261,13 +191,13 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     c10::optional<torch::Tensor> bias;
     if (!qkv_bias.empty()) bias = qkv_bias[l];
     torch::Tensor h = rms_norm(x, delta, w[0], eps);
-    torch::Tensor qkv = linear_small(h, w[1], bias);
+    torch::Tensor qkv = linear_vnni(h, w[1], bias);
     rope_and_cache(qkv, cos, sin, caches[l], slots, num_heads, num_kv_heads);
     torch::Tensor a = ts_paged_decode(qkv.narrow(1, 0, q_size).view({T, num_heads, D}), caches[l], block_tables,
                                       seq_lens, scale);
-    delta = linear_small(a.view({T, q_size}), w[2], c10::nullopt);
+    delta = linear_vnni(a.view({T, q_size}), w[2], c10::nullopt);
     h = rms_norm(x, delta, w[3], eps);
-    delta = linear_small(silu_mul(linear_small(h, w[4], c10::nullopt)), w[5], c10::nullopt);
+    delta = linear_vnni(silu_mul(linear_vnni(h, w[4], c10::nullopt)), w[5], c10::nullopt);
   }
   return *delta;
 }
@@ -275,12 +205,10 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
 void register_fused_ops(pybind11::module& m) {
   // The GIL is released while a kernel runs (as torch's own ops do), so the server's event loop is not stalled.
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
-  m.def("linear_small", &linear_small, "x @ w.T (+ bias) for a few rows of x, bf16, weights streamed once",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("bias") = pybind11::none(), release());
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after an in-place residual add x += delta", pybind11::arg("x"),
         pybind11::arg("delta"), pybind11::arg("w"), pybind11::arg("eps"), release());
   m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache",
         release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", release());
-  m.def("decode_layers", &decode_layers, "all decoder layers of a small bf16 decode step in one call", release());
+  m.def("decode_layers", &decode_layers, "all decoder layers of a bf16 decode step in one call", release());
 }

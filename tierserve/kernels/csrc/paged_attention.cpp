@@ -356,10 +356,12 @@ torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache
   return paged_decode(q, cache, block_tables, seq_lens, scale);
 }
 
-void register_fused_ops(pybind11::module& m);  // fused_ops.cpp
+void register_fused_ops(pybind11::module& m);    // fused_ops.cpp
+void register_linear_vnni(pybind11::module& m);  // linear_vnni.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_fused_ops(m);
+  register_linear_vnni(m);
 #ifdef TS_AVX512_BF16
   m.attr("has_avx512_bf16") = true;
 #else
