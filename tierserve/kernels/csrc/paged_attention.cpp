@@ -91,7 +91,7 @@ inline void scores16_bf16(const at::BFloat16* qr, const at::BFloat16* k, int64_t
 // order of a bf16 GEMM over the keys. The unpacks work within 128-bit lanes, so the accumulator holds the features
 // permuted: see pv_index. acc is kept in that order between blocks.
 template <int NR, int DH>
-inline void values_block_bf16(const float* p, int64_t p_stride, const at::BFloat16* v, int64_t n, float* acc) {
+inline void values_block_bf16(const uint16_t* p, int64_t p_stride, const at::BFloat16* v, int64_t n, float* acc) {
   constexpr int64_t d = 32 * DH;
   __m512 a[NR][2 * DH];
   for (int r = 0; r < NR; ++r)
@@ -106,10 +106,9 @@ inline void values_block_bf16(const float* p, int64_t p_stride, const at::BFloat
       hi[h] = _mm512_unpackhi_epi16(v0, v1);
     }
     for (int r = 0; r < NR; ++r) {
-      const float* pr = p + r * p_stride + j;
-      const uint32_t p0 = static_cast<uint32_t>(c10::BFloat16(pr[0]).x);
-      const uint32_t p1 = pair ? static_cast<uint32_t>(c10::BFloat16(pr[1]).x) : 0u;
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(p0 | (p1 << 16)));
+      int32_t p01;  // (p[j], p[j + 1]) as one dword; p[j + 1] meets a zero row when j is the block's last key
+      std::memcpy(&p01, p + r * p_stride + j, sizeof(p01));
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(p01);
       for (int h = 0; h < DH; ++h) {
         a[r][2 * h] = _mm512_dpbf16_ps(a[r][2 * h], pp, (__m512bh)lo[h]);
         a[r][2 * h + 1] = _mm512_dpbf16_ps(a[r][2 * h + 1], pp, (__m512bh)hi[h]);
@@ -121,7 +120,7 @@ inline void values_block_bf16(const float* p, int64_t p_stride, const at::BFloat
 }
 
 template <int DH>
-inline void values_rows_bf16(const float* p, int64_t p_stride, int64_t nr, const at::BFloat16* v, int64_t n,
+inline void values_rows_bf16(const uint16_t* p, int64_t p_stride, int64_t nr, const at::BFloat16* v, int64_t n,
                              float* acc) {
   constexpr int64_t d = 32 * DH;
   int64_t r = 0;
@@ -148,12 +147,14 @@ template <typename T>
 void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& ks, const Span<T>& vs, int64_t ctx,
             float scale, T* out, int64_t out_tok_stride, std::vector<float>& scratch) {
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
-  scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d + nq));
+  const int64_t ctx_even = (ctx + 2) / 2 * 2;  // p rows in bf16 for pass 2, with at least one zero past the end
+  scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d + nq + nq * ctx_even / 2));
   float* qf = scratch.data();
   float* sc = qf + nq * d;
   float* acc = sc + nq * ctx;
   float* row = acc + nq * d;
   float* inv_z = row + d;
+  uint16_t* pb = reinterpret_cast<uint16_t*>(inv_z + nq);
 #ifdef TS_AVX512_BF16
   constexpr bool fast_type = std::is_same_v<T, at::BFloat16>;
 #else
@@ -238,6 +239,11 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     }
     inv_z[r] = 1.f / z;
     for (int64_t t = lim; t < ctx; ++t) s[t] = 0.f;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {  // the bf16 bits of p (exact: p is already bf16-valued)
+      uint16_t* pr = pb + r * ctx_even;
+      for (int64_t t = 0; t < ctx; ++t) pr[t] = c10::BFloat16(s[t]).x;
+      for (int64_t t = ctx; t < ctx_even; ++t) pr[t] = 0;
+    }
   }
   // Pass 2: out = p.V.
   std::fill(acc, acc + nq * d, 0.f);
@@ -250,9 +256,9 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
 #ifdef TS_AVX512_BF16
       if (fast && (d == 64 || d == 128)) {
         if (d == 64) {
-          values_rows_bf16<2>(sc + r0 * ctx + t0, ctx, nq - r0, vb, n, acc + r0 * d);
+          values_rows_bf16<2>(pb + r0 * ctx_even + t0, ctx_even, nq - r0, vb, n, acc + r0 * d);
         } else {
-          values_rows_bf16<4>(sc + r0 * ctx + t0, ctx, nq - r0, vb, n, acc + r0 * d);
+          values_rows_bf16<4>(pb + r0 * ctx_even + t0, ctx_even, nq - r0, vb, n, acc + r0 * d);
         }
         permuted = true;
         continue;
