@@ -4,7 +4,7 @@ bf16 greedy decoding of a 135M model is fragile: transformers-bf16 itself leaves
 4 of the 8 prompts (at tokens 1, 16, 27 and 55), and agrees with *itself* on only ~55% of tokens when the same prompts
 run as one padded batch (second test). So the test asserts what must hold — every divergence is a near-tie (each
 side's token in the other's top-5) — and reports the fraction of tokens identical up to each first divergence
-(measured: 73% with attention rounding like torch's SDPA, 80% before that change, 65% before the native kernels; a
+(measured: 76% with the linear kernel that rounds like torch's, 73% before it, 65% before the native kernels; a
 single early flip moves it by ~10 points; the engine-speed issue asks for 90%, see BENCHMARKS.md).
 """
 
