@@ -68,8 +68,9 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(ops.silu_mul(gu).float(), ref.float(), atol=tol, rtol=tol)
 
 
-needs_vnni = pytest.mark.skipif(not getattr(ops, "has_avx512_bf16", False),
-                                reason="linear_vnni's vector path needs AVX-512-BF16 (the portable loop is tested there)")
+needs_vnni = pytest.mark.skipif(
+    not getattr(ops, "has_avx512_bf16", False),
+    reason="linear_vnni's vector path needs AVX-512-BF16 (the portable loop is tested there)")
 
 
 @pytest.mark.parametrize("m", [0, 1, 3, 9, 20])

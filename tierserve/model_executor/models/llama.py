@@ -166,7 +166,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _projections(self) -> list[torch.Tensor]:
         """The weights that go through ``linear``: the layers' projections in step order, then the LM head."""
-        weights = [w for layer in self._layers() for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+        weights: list[torch.Tensor] = [
+            w for layer in self._layers() for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
         weights.append(self.embed if self.lm_head is None else self.lm_head)
         return weights
 
