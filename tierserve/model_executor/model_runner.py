@@ -87,6 +87,9 @@ class ModelRunner:
                     self.model.vnni_max_rows = AMX_VNNI_MAX_ROWS
                     extra = self.model.pack_weights()
                     logger.info("packed %.0f MiB of bf16 weights for oneDNN (AMX) GEMMs", extra / 2**20)
+                else:
+                    freed = self.model.drop_plain_projections()
+                    logger.info("released the %.0f MiB of unpacked projection weights", freed / 2**20)
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
 

@@ -183,6 +183,19 @@ class LlamaForCausalLM(nn.Module):
         self._decode_args = None
         return arena.numel()
 
+    def drop_plain_projections(self) -> int:
+        """Once every projection goes through the ``vnni`` copies (``vnni_max_rows`` None: no oneDNN path), the plain
+        layer projection weights are never read again: release them (the embedding, which is also the tied LM head's
+        plain copy, the norms and the biases stay, re-laid in a fresh arena). Returns the bytes released."""
+        assert self.vnni is not None and self.vnni_max_rows is None
+        freed = 0
+        for la in self._layers():
+            for w in (la.qkv, la.o_proj, la.gate_up, la.down):
+                freed += w.numel() * w.element_size()
+                w.data = w.data.new_empty((0, w.shape[1]))
+        self.place_weights_in_arena()
+        return freed
+
     def pack_weights(self, batch_hint: int = 64) -> int:
         """Keep oneDNN-blocked copies of the bf16 projection and head weights for large GEMMs on AMX CPUs, where
         oneDNN's tile kernels beat ``linear_vnni`` (bit-identical to ``F.linear`` on the plain layout). Returns the
