@@ -95,11 +95,14 @@ def test_bad_lengths_raise_not_crash() -> None:
         ops.paged_decode(q.bfloat16(), cache, meta.decode_block_tables, meta.decode_seq_lens, 0.125)
 
 
-@pytest.mark.parametrize("ctx", [40, 333])
-def test_bf16_decode_rounds_like_torch_sdpa(ctx: int) -> None:
-    """transformers' reference runs torch's SDPA, whose CPU flash kernel rounds exp(s - max) to bf16 before p·V and
-    divides by the fp32 sum at the end; the kernel rounds at the same points, so nearly every output element is
-    bit-identical to SDPA's (an fp32 softmax matches only ~75-85% of them)."""
+@pytest.mark.parametrize("ctx", [40, 333, 700, 1100])
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_bf16_rounds_like_torch_sdpa(kind: str, ctx: int) -> None:
+    """transformers' reference runs torch's SDPA, whose CPU flash kernel splits the keys into blocks of 512 with an
+    online softmax, takes exp with its fast ``fexp_u20`` on whole vectors of 16 (std::exp on the rest), rounds
+    exp(s - max) to bf16 before p·V and divides by the fp32 sum at the end. The kernel does the same, so on
+    AVX-512-BF16 CPUs nearly every output element is bit-identical to SDPA's (measured 99.9-100%; an fp32 softmax
+    matches only ~75-85% of them). Only the dot products' summation order differs (a GEMM library's, shape-dependent)."""
     import torch.nn.functional as F
 
     from tierserve.kernels import cpu_ops
@@ -108,18 +111,26 @@ def test_bf16_decode_rounds_like_torch_sdpa(ctx: int) -> None:
     assert ops is not None
     g = torch.Generator().manual_seed(ctx)
     d, nb = 64, (ctx + BS - 1) // BS
+    nq = 1 if kind == "decode" else ctx
     k, v = (torch.randn(ctx, HKV, d, generator=g) * s for s in (2.0, 1.0))
-    q = (torch.randn(1, H, d, generator=g) * 2).bfloat16()
+    q = (torch.randn(nq, H, d, generator=g) * 2).bfloat16()
     cache = torch.zeros(2, HKV, nb * BS, d, dtype=torch.bfloat16)
     cache[0, :, :ctx], cache[1, :, :ctx] = k.transpose(0, 1), v.transpose(0, 1)
     cache = cache.view(2, HKV, nb, BS, d)
-    ours = ops.paged_decode(q, cache, torch.arange(nb).view(1, nb), torch.tensor([ctx]), d**-0.5)
+    table = torch.arange(nb).view(1, nb)
+    if kind == "decode":
+        ours = ops.paged_decode(q, cache, table, torch.tensor([ctx]), d**-0.5)
+    else:
+        ours = ops.paged_prefill(q, cache, table, torch.tensor([0, ctx]), torch.tensor([ctx]), d**-0.5, 32)
 
-    def rep(x: torch.Tensor) -> torch.Tensor:
-        return x.bfloat16().transpose(0, 1).repeat_interleave(H // HKV, 0).unsqueeze(0)
+    def heads(x: torch.Tensor) -> torch.Tensor:  # [T, h, d] -> [1, h, T, d]
+        return x.bfloat16().transpose(0, 1).unsqueeze(0)
 
-    ref = F.scaled_dot_product_attention(q.view(1, H, 1, d), rep(k), rep(v), scale=d**-0.5).view(1, H, d)
-    fp32 = F.scaled_dot_product_attention(q.view(1, H, 1, d).float(), rep(k).float(), rep(v).float(),
-                                          scale=d**-0.5).view(1, H, d).bfloat16()
+    causal = kind == "prefill"
+    ref = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=d**-0.5, is_causal=causal,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    fp32 = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float(), scale=d**-0.5,
+                                          is_causal=causal, enable_gqa=True)[0].transpose(0, 1).bfloat16()
     same, same_fp32 = ((x == ref).float().mean().item() for x in (ours, fp32))
-    assert same >= 0.95 and same >= same_fp32 + 0.1, (same, same_fp32)
+    floor = 0.999 if getattr(ops, "has_avx512_bf16", False) else 0.95
+    assert same >= floor and same >= same_fp32 + 0.1, (same, same_fp32)
