@@ -102,7 +102,7 @@ def test_bf16_rounds_like_torch_sdpa(kind: str, ctx: int) -> None:
     online softmax, takes exp with its fast ``fexp_u20`` on whole vectors of 16 (std::exp on the rest), rounds
     exp(s - max) to bf16 before p·V and divides by the fp32 sum at the end. The kernel does the same, so on
     AVX-512-BF16 CPUs nearly every output element is bit-identical to SDPA's (measured 99.9-100%; an fp32 softmax
-    matches only ~75-85% of them). Only the dot products' summation order differs (a GEMM library's, shape-dependent)."""
+    matches only ~75-85% of them). Only the dot products' summation order differs (a GEMM library's, by shape)."""
     import torch.nn.functional as F
 
     from tierserve.kernels import cpu_ops
