@@ -68,6 +68,15 @@ def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
     torch.testing.assert_close(ops.silu_mul(gu).float(), ref.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("scale", [4.0, 30.0])
+def test_silu_mul_bf16_is_bit_identical_to_torch(scale: float) -> None:
+    """bf16 SiLU·up takes F.silu's exp (torch's own, via ATen's vector type) and rounds where F.silu(g) * u rounds, so
+    the outputs are the same bits - also for large |g|, where an exp that clamps differs (-0 vs a tiny value)."""
+    gu = (torch.randn(64, 2 * 1536, generator=_g()) * scale).bfloat16()
+    g, u = gu.split([1536, 1536], dim=-1)
+    assert torch.equal(ops.silu_mul(gu).view(torch.int16), (F.silu(g) * u).view(torch.int16))
+
+
 needs_vnni = pytest.mark.skipif(
     not getattr(ops, "has_avx512_bf16", False),
     reason="linear_vnni's vector path needs AVX-512-BF16 (the portable loop is tested there)")

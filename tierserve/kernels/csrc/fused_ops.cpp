@@ -3,6 +3,14 @@
 // instead of several) and rounds to the tensor dtype exactly where the unfused torch/transformers code does, so bf16
 // results follow the same rounding steps and float32 results are unchanged up to summation order.
 
+// torch's own SIMD vector types (its Sleef exp), so SiLU rounds like F.silu; they must see the capability macros
+// before any other torch header.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
+#include <ATen/cpu/vec/vec.h>
+
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -143,7 +151,8 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
             const auto* gb = reinterpret_cast<const at::BFloat16*>(gr + i);
             const auto* ub = reinterpret_cast<const at::BFloat16*>(ur + i);
             const __m512 gv = load16_bf16(gb);
-            const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            // F.silu's vector path: x / (1 + exp(-x)) with torch's exp (Sleef, 1 ulp), inf for x < -88.7
+            const __m512 e = at::vec::Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), gv)).exp();
             const __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
             const __m512 s_rounded = bf16x16_to_f32(to_bf16(sv));
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + i),
