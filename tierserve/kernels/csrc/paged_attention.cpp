@@ -156,7 +156,8 @@ inline int64_t pv_index(int64_t i) {
 }
 
 // One work item: nq query rows against the first ctx keys of a sequence of kv_total keys (>= ctx: a prefill tile
-// sees the keys up to its last token); row r sees keys [0, limit[r]), limits nondecreasing in r. Writes row r to out + (r / G) * out_tok_stride + (r % G) * d.
+// sees the keys up to its last token); row r sees keys [0, limit[r]), limits nondecreasing in r. Writes row r to
+// out + (r / G) * out_tok_stride + (r % G) * d.
 template <typename T>
 void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& ks, const Span<T>& vs, int64_t ctx,
             int64_t kv_total, float scale, T* out, int64_t out_tok_stride, std::vector<float>& scratch) {
@@ -167,8 +168,8 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
   float* sc = qf + nq * d;
   float* acc = sc + nq * ctx;
   float* row = acc + nq * d;
-  float* inv_z = row + d;
-  float* run_sum = inv_z + nq;
+  float* run_max = row + d;  // online softmax: running max and sum per row
+  float* run_sum = run_max + nq;
   uint16_t* pb = reinterpret_cast<uint16_t*>(run_sum + nq);
 #ifdef TS_AVX512_BF16
   constexpr bool fast_type = std::is_same_v<T, at::BFloat16>;
@@ -218,10 +219,10 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
   // Softmax and p.V in torch's CPU flash-attention order (what transformers' SDPA runs), so that bf16 results round
   // like it: keys in splits of KV_SPLIT with an online softmax across splits (running max m, sum z, acc rescaled by
   // exp(m_old - m_new)); within a split e = exp(s - m) over the split's kv_total-based width - the first multiple of
-  // 16 keys with at::vec's fexp_u20 (bf16), the rest with std::exp - summed lane-wise then the rest in order; e stored in the
-  // storage dtype for p.V (a no-op for fp32); the division by z applied to the fp32 accumulator at the end.
+  // 16 keys with at::vec's fexp_u20 (bf16), the rest with std::exp - summed lane-wise then the rest in order; e
+  // stored in the storage dtype for p.V (a no-op for fp32); the division by z applied to the fp32 accumulator at the
+  // end.
   // Invisible keys get weight 0.
-  float* run_max = inv_z;  // inv_z doubles as the running max until the end
   std::fill(run_sum, run_sum + nq, 0.f);
   std::fill(run_max, run_max + nq, -std::numeric_limits<float>::infinity());
   std::fill(acc, acc + nq * d, 0.f);
@@ -267,7 +268,6 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
           _mm512_mask_storeu_ps(s + t, k, stored);
         }
         z = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, zv);
-        t = std::max(t, n0);
       }
 #endif
       for (; t < lim; ++t) {
@@ -323,14 +323,14 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
       t0 += n;
     }
   }
-  for (int64_t r = 0; r < nq; ++r) inv_z[r] = 1.f / run_sum[r];
   for (int64_t r = 0; r < nq; ++r) {
     T* o = out + (r / G) * out_tok_stride + (r % G) * d;
     const float* ar = acc + r * d;
+    const float inv_z = 1.f / run_sum[r];  // torch multiplies by the reciprocal too
     if (permuted) {
-      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(ar[pv_index(i)] * inv_z[r]);
+      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(ar[pv_index(i)] * inv_z);
     } else {
-      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(ar[i] * inv_z[r]);
+      for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(ar[i] * inv_z);
     }
   }
 }
