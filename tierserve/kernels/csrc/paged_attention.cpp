@@ -100,29 +100,26 @@ inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
 }
 
-// Scores of one query row against 16 consecutive keys (rows of d bf16, d % 32 == 0): the common case, with no
-// key-count test inside (the accumulators stay in registers).
-inline void scores16_full_bf16(const at::BFloat16* qr, const at::BFloat16* k, int64_t d, float scale, float* out) {
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t v = 0; v < d; v += 32) {
-    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + v);
-    for (int j = 0; j < 16; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(k + j * d + v));
-  }
-  _mm512_storeu_ps(out, _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale)));
-}
-
-// Scores of one query row against n <= 16 consecutive keys (rows of d bf16, d % 32 == 0).
+// Scores of one query row against n <= 16 consecutive keys (rows of d bf16, d % 32 == 0). Full: n is 16, known at
+// compile time, so there is no key-count test inside and the accumulators stay in registers (the common case).
+template <bool Full>
 inline void scores16_bf16(const at::BFloat16* qr, const at::BFloat16* k, int64_t n, int64_t d, float scale,
                           float* out) {
+  const int64_t cnt = Full ? 16 : n;
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t v = 0; v < d; v += 32) {
     const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + v);
-    for (int64_t j = 0; j < n; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(k + j * d + v));
+    for (int64_t j = 0; j < cnt; ++j) {
+      acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(k + j * d + v));
+    }
   }
   const __m512 s = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
-  _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1u), s);
+  if (Full) {
+    _mm512_storeu_ps(out, s);
+  } else {
+    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1u), s);
+  }
 }
 
 // acc[r] += sum_j p[r][j] * v[j] for NR rows and n keys, D = 32 * DH, with bf16 dot products over pairs of keys:
@@ -214,8 +211,8 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
   };
   // Pass 1: scores.
-  for (int64_t t0 = bs; t0 < std::min(ctx, KEY_PREFETCH_BLOCKS * bs); t0 += bs) {
-    ks.template prefetch<3>(t0, std::min(bs, ctx - t0), d);  // (the first block was asked for by the caller)
+  for (int64_t t0 = 0; t0 < std::min(ctx, KEY_PREFETCH_BLOCKS * bs); t0 += bs) {
+    ks.template prefetch<3>(t0, std::min(bs, ctx - t0), d);  // the first blocks (the loop below asks further ahead)
   }
   for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
     const int64_t n = std::min(bs, ctx - t0), r0 = first_row(t0);
@@ -229,10 +226,13 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
       if (fast) {
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
           const int64_t m = std::min<int64_t>(16, n - j0);
-          if (m == 16) {
-            for (int64_t r = r0; r < nq; ++r) scores16_full_bf16(qs.row(r), kb + j0 * d, d, scale, sc + r * ctx + t0 + j0);
-          } else {
-            for (int64_t r = r0; r < nq; ++r) scores16_bf16(qs.row(r), kb + j0 * d, m, d, scale, sc + r * ctx + t0 + j0);
+          for (int64_t r = r0; r < nq; ++r) {
+            float* out = sc + r * ctx + t0 + j0;
+            if (m == 16) {
+              scores16_bf16<true>(qs.row(r), kb + j0 * d, m, d, scale, out);
+            } else {
+              scores16_bf16<false>(qs.row(r), kb + j0 * d, m, d, scale, out);
+            }
           }
         }
         continue;
