@@ -43,6 +43,6 @@ def test_bad_arguments_raise() -> None:
     args = (cos, cos, torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long),
             torch.ones(1, dtype=torch.long), 0.125, 1e-5, 1, 1)
     with pytest.raises(RuntimeError, match="6 weights per layer"):
-        ops.decode_layers(x, [x] * 5, [], [cache], *args)
+        ops.decode_layers(x, [x] * 5, [], [], [cache], *args)
     with pytest.raises(RuntimeError, match="one qkv bias per layer"):
-        ops.decode_layers(x, [x] * 6, [x, x], [cache], *args)
+        ops.decode_layers(x, [x] * 6, [x, x], [], [cache], *args)

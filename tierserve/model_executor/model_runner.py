@@ -74,7 +74,7 @@ class ModelRunner:
         if device.type == "cpu":
             arena = self.model.place_weights_in_arena()
             logger.info("weights: %.0f MiB in one arena (transparent huge pages: %s)", arena / 2**20, thp_mode())
-        if self.attention_backend == "cpu" and device.type == "cpu":
+        if self.attention_backend in ("cpu", "reference") and device.type == "cpu":
             from tierserve.kernels import cpu_ops
 
             self.model.fused_ops = cpu_ops()

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "vec.h"
 
@@ -33,21 +34,73 @@ inline float rnd(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// RMSNorm as in transformers' LlamaRMSNorm: h = w * to_dtype(x_f32 * rsqrt(mean(x_f32^2) + eps)).
+// The sum torch computes for x.sum(-1) over a contiguous float row (ATen's cpu SumKernel: cascade_sum ->
+// vectorized_inner_sum -> row_sum -> multi_row_sum), in its order, so the fp32 result is torch's bit for bit: the
+// row as vectors of V lanes, the vectors in 4 interleaved accumulators, each a cascade of up to 4 levels that flush
+// every 2^p vectors (p >= 4); then the accumulators added in order, the leftover scalars summed from 0, then the
+// lanes added one by one. V = 8: torch's sum kernel is not registered for its AVX-512 dispatch, so it runs the AVX2
+// build (8-float vectors) on AVX-512 CPUs too (and its default build has 32-byte vectors as well) - measured, and
+// checked by tests/kernels/test_fused_ops.py against torch on the machine that runs them.
+inline int64_t ceil_log2(int64_t x) {
+  return x <= 2 ? 1 : 64 - __builtin_clzll(static_cast<uint64_t>(x - 1));
+}
+
+template <int V>
+float torch_row_sum(const float* a, int64_t n) {
+  constexpr int kLevels = 4, kIlp = 4;
+  const int64_t vec_size = n / V, size = vec_size / kIlp;
+  float acc[kLevels][kIlp][V] = {};
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / kLevels);
+  const int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  auto add_row = [&](int64_t i) {
+    for (int k = 0; k < kIlp; ++k)
+      for (int l = 0; l < V; ++l) acc[0][k][l] += a[(i * kIlp + k) * V + l];
+  };
+  int64_t i = 0;
+  while (i + level_step <= size) {
+    for (int64_t j = 0; j < level_step; ++j, ++i) add_row(i);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k)
+        for (int l = 0; l < V; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i) add_row(i);
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k)
+      for (int l = 0; l < V; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t e = size * kIlp; e < vec_size; ++e)
+    for (int l = 0; l < V; ++l) acc[0][0][l] += a[e * V + l];
+  for (int k = 1; k < kIlp; ++k)
+    for (int l = 0; l < V; ++l) acc[0][0][l] += acc[0][k][l];
+  float fin = 0.f;
+  for (int64_t e = vec_size * V; e < n; ++e) fin += a[e];
+  for (int l = 0; l < V; ++l) fin += acc[0][0][l];
+  return fin;
+}
+
+constexpr int kTorchSumLanes = 8;
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm as in transformers' LlamaRMSNorm: h = w * to_dtype(x_f32 * rsqrt(mean(x_f32^2) + eps)), the mean as torch
+// takes it (its sum, in its order, then / n), so bf16 outputs are transformers' bit for bit.
 // With `delta`, first x += delta in place (the residual add, rounded to the dtype), then the norm of the new x.
 template <typename T>
 void rms_rows(T* x, const T* delta, const T* w, T* h, int64_t rows, int64_t n, int64_t x_stride, int64_t d_stride,
               float eps) {
   at::parallel_for(0, rows, 8, [&](int64_t rb, int64_t re) {
+    std::vector<float> sq(static_cast<size_t>(n));
     for (int64_t r = rb; r < re; ++r) {
       T* xr = x + r * x_stride;
       if (delta) {
         const T* dr = delta + r * d_stride;
         for (int64_t i = 0; i < n; ++i) xr[i] = static_cast<T>(f32(xr[i]) + f32(dr[i]));
       }
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < n; ++i) ss += f32(xr[i]) * f32(xr[i]);
+      for (int64_t i = 0; i < n; ++i) sq[i] = f32(xr[i]) * f32(xr[i]);
+      const float ss = torch_row_sum<kTorchSumLanes>(sq.data(), n);
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
       T* hr = h + r * n;
       for (int64_t i = 0; i < n; ++i) hr[i] = static_cast<T>(f32(w[i]) * rnd<T>(f32(xr[i]) * inv));
@@ -175,16 +228,18 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 
 torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
                               const torch::Tensor& seq_lens, double scale);  // paged_attention.cpp
-torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp,
-                          const c10::optional<torch::Tensor>& bias);  // linear_vnni.cpp
+torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk);  // linear_vnni.cpp
 
 // Every decoder layer of a decode-only bf16 step in one call: the same kernels, in the same order and with the same
 // rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a Python round trip (and a GIL hand-over)
 // for each of the ~9 ops of each layer. `weights` holds 6 tensors per layer (input_norm, qkv, o_proj, post_norm,
-// gate_up, down; the four projections packed by pack_vnni), `qkv_bias` one per layer or none. x (the residual stream) is
-// updated in place; returns the last layer's output delta (x + delta is the stream after the last layer).
+// gate_up, down; the four projections packed by pack_vnni), `qkv_bias` one per layer or none, `k_chunks` the K chunk
+// of each projection (4 per layer, linear_vnni's k_chunk; empty: none). x (the residual stream) is updated in place;
+// returns the last layer's output delta (x + delta is the stream after the last layer).
 torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& weights,
-                            const std::vector<torch::Tensor>& qkv_bias, const std::vector<torch::Tensor>& caches,
+                            const std::vector<torch::Tensor>& qkv_bias, const std::vector<int64_t>& k_chunks,
+                            const std::vector<torch::Tensor>& caches,
                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
                             const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
                             double eps, int64_t num_heads, int64_t num_kv_heads) {
@@ -192,6 +247,8 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
   TORCH_CHECK(L > 0 && static_cast<int64_t>(weights.size()) == 6 * L,
               "decode_layers: 6 weights per layer and one cache per layer");
   TORCH_CHECK(qkv_bias.empty() || static_cast<int64_t>(qkv_bias.size()) == L, "decode_layers: one qkv bias per layer");
+  TORCH_CHECK(k_chunks.empty() || static_cast<int64_t>(k_chunks.size()) == 4 * L,
+              "decode_layers: 4 k chunks per layer or none");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: contiguous x [T, hidden]");
   const int64_t T = x.size(0), D = cos.size(1), q_size = num_heads * D;
   c10::optional<torch::Tensor> delta;
@@ -199,14 +256,17 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     const torch::Tensor* w = weights.data() + 6 * l;
     c10::optional<torch::Tensor> bias;
     if (!qkv_bias.empty()) bias = qkv_bias[l];
+    const int64_t* kc = k_chunks.empty() ? nullptr : k_chunks.data() + 4 * l;
+    auto chunk = [kc](int i) -> int64_t { return kc ? kc[i] : 0; };
     torch::Tensor h = rms_norm(x, delta, w[0], eps);
-    torch::Tensor qkv = linear_vnni(h, w[1], bias);
+    torch::Tensor qkv = linear_vnni(h, w[1], bias, chunk(0), 0, 0);
     rope_and_cache(qkv, cos, sin, caches[l], slots, num_heads, num_kv_heads);
     torch::Tensor a = ts_paged_decode(qkv.narrow(1, 0, q_size).view({T, num_heads, D}), caches[l], block_tables,
                                       seq_lens, scale);
-    delta = linear_vnni(a.view({T, q_size}), w[2], c10::nullopt);
+    delta = linear_vnni(a.view({T, q_size}), w[2], c10::nullopt, chunk(1), 0, 0);
     h = rms_norm(x, delta, w[3], eps);
-    delta = linear_vnni(silu_mul(linear_vnni(h, w[4], c10::nullopt)), w[5], c10::nullopt);
+    delta = linear_vnni(silu_mul(linear_vnni(h, w[4], c10::nullopt, chunk(2), 0, 0)), w[5], c10::nullopt, chunk(3), 0,
+                        0);
   }
   return *delta;
 }

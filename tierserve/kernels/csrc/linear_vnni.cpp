@@ -21,23 +21,34 @@ namespace {
 constexpr int64_t kLanes = 16;
 
 #ifdef TS_AVX512_BF16
-// Rows [m0, m0 + MR) of x against NB consecutive 16-output blocks; x rows are pair-padded (stride xs, even).
+// Rows [m0, m0 + MR) of x against NB consecutive 16-output blocks; x rows are pair-padded (stride xs, even). The k
+// pairs are summed in chunks of kc pairs, each from zero, the chunk sums added in order (kc >= kp_count: one chunk).
 template <int MR, int NB>
-inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, const float* bias,
-                 at::BFloat16* y, int64_t ys) {
+inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, int64_t kc,
+                 const float* bias, at::BFloat16* y, int64_t ys) {
   __m512 acc[MR][NB];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  alignas(64) float tot[MR][NB][kLanes];
   const int64_t block_stride = kp_count * 2 * kLanes;  // elements per 16-output block
-  for (int64_t kp = 0; kp < kp_count; ++kp) {
-    __m512bh w[NB];
-    for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * block_stride + kp * 2 * kLanes);
-    for (int r = 0; r < MR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * xs + 2 * kp, sizeof(pair));
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xb, w[j]);
+  for (int64_t c0 = 0; c0 < kp_count; c0 += kc) {
+    const int64_t c1 = std::min(kp_count, c0 + kc);
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t kp = c0; kp < c1; ++kp) {
+      __m512bh w[NB];
+      for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * block_stride + kp * 2 * kLanes);
+      for (int r = 0; r < MR; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, x + r * xs + 2 * kp, sizeof(pair));
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xb, w[j]);
+      }
     }
+    if (c0 > 0)
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_add_ps(_mm512_load_ps(tot[r][j]), acc[r][j]);
+    if (c1 < kp_count)
+      for (int r = 0; r < MR; ++r)
+        for (int j = 0; j < NB; ++j) _mm512_store_ps(tot[r][j], acc[r][j]);
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NB; ++j) {
@@ -47,17 +58,17 @@ inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int6
 }
 
 template <int NB>
-void rows_tile(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count,
+void rows_tile(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, int64_t kc,
                const float* bias, at::BFloat16* y, int64_t ys) {
   switch (mr) {
-    case 1: tile<1, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    case 2: tile<2, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    case 3: tile<3, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    case 4: tile<4, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    case 5: tile<5, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    case 6: tile<6, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    case 7: tile<7, NB>(x, xs, wp, kp_count, bias, y, ys); break;
-    default: tile<8, NB>(x, xs, wp, kp_count, bias, y, ys); break;
+    case 1: tile<1, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 2: tile<2, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 3: tile<3, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 4: tile<4, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 5: tile<5, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 6: tile<6, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 7: tile<7, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    default: tile<8, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
   }
 }
 #endif
@@ -75,14 +86,24 @@ torch::Tensor pack_vnni(const torch::Tensor& w) {
   return padded.view({N / kLanes, kLanes, KP, 2}).permute({0, 2, 1, 3}).contiguous();
 }
 
-// y [M, N] = x [M, K] @ w^T (+ bias), w given packed by pack_vnni; bf16 in and out, fp32 accumulation.
-torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias) {
+// y [M, N] = x [M, K] @ w^T (+ bias), w given packed by pack_vnni; bf16 in and out, fp32 accumulation. Each output
+// sums its k in chunks of k_chunk features (0: one chunk), each chunk in k-pair order from zero, the chunk sums then
+// added in order; rows [0, lead_rows) use lead_k_chunk instead. This reproduces a GEMM library's K blocking where it
+// is known (oneDNN's, measured by tierserve.kernels.linear_order), so the sums are the library's bit for bit.
+torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_vnni: x must be [M, K] bf16");
   TORCH_CHECK(wp.dim() == 4 && wp.size(2) == kLanes && wp.size(3) == 2 && wp.is_contiguous() &&
                   wp.scalar_type() == at::kBFloat16,
               "linear_vnni: weight must come from pack_vnni");
   const int64_t M = x.size(0), K = x.size(1), KP = wp.size(1), NBLK = wp.size(0), N = NBLK * kLanes;
   TORCH_CHECK((K + 1) / 2 == KP, "linear_vnni: x has ", K, " features, the packed weight ", 2 * KP);
+  TORCH_CHECK(k_chunk >= 0 && k_chunk % 2 == 0 && lead_k_chunk >= 0 && lead_k_chunk % 2 == 0,
+              "linear_vnni: k chunks must be even and >= 0 (0: none)");
+  TORCH_CHECK(lead_rows >= 0, "linear_vnni: lead_rows must be >= 0");
+  // k pairs per chunk for rows [0, lead) and [lead, M)
+  const int64_t lead = std::min(lead_rows, M);
+  const int64_t kc_lead = lead_k_chunk ? lead_k_chunk / 2 : KP, kc_rest = k_chunk ? k_chunk / 2 : KP;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
   // x with rows padded to an even length (the last pair of an odd K reads a zero)
@@ -108,28 +129,37 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
       const int64_t b0 = g * kGroup, nb = std::min(kGroup, NBLK - b0);
       const at::BFloat16* wg = w + b0 * block_elems;
       const float* bg = bp ? bp + b0 * kLanes : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const int64_t mr = std::min<int64_t>(8, M - m0);
+      for (int64_t m0 = 0; m0 < M;) {
+        // 8-row tiles that do not straddle the lead rows' end
+        const int64_t mend = m0 < lead ? lead : M, mr = std::min<int64_t>(8, mend - m0);
+        const int64_t kc = m0 < lead ? kc_lead : kc_rest;
         at::BFloat16* yg = yp + m0 * N + b0 * kLanes;
         if (nb == 2) {
-          rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, bg, yg, N);
+          rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
         } else {
-          rows_tile<1>(mr, xp + m0 * xs, xs, wg, KP, bg, yg, N);
+          rows_tile<1>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
         }
+        m0 += mr;
       }
     }
   });
 #else
-  // Portable: the same order of accumulation (per output, k pairs in order), one element at a time.
+  // Portable: the same order of accumulation (per output, chunks of k pairs, within a pair the odd feature first
+  // as VDPBF16PS does), one element at a time.
   at::parallel_for(0, NBLK, 1, [&](int64_t bb, int64_t be) {
     for (int64_t b = bb; b < be; ++b) {
       for (int64_t m = 0; m < M; ++m) {
+        const int64_t kc = m < lead ? kc_lead : kc_rest;
         for (int64_t l = 0; l < kLanes; ++l) {
           float s = 0.f;
-          for (int64_t kp = 0; kp < KP; ++kp) {
-            const at::BFloat16* wv = w + b * block_elems + (kp * kLanes + l) * 2;
-            s += tierserve_vec::f32(xp[m * xs + 2 * kp]) * tierserve_vec::f32(wv[0]) +
-                 tierserve_vec::f32(xp[m * xs + 2 * kp + 1]) * tierserve_vec::f32(wv[1]);
+          for (int64_t c0 = 0; c0 < KP; c0 += kc) {
+            float c = 0.f;
+            for (int64_t kp = c0; kp < std::min(KP, c0 + kc); ++kp) {
+              const at::BFloat16* wv = w + b * block_elems + (kp * kLanes + l) * 2;
+              c += tierserve_vec::f32(xp[m * xs + 2 * kp + 1]) * tierserve_vec::f32(wv[1]);
+              c += tierserve_vec::f32(xp[m * xs + 2 * kp]) * tierserve_vec::f32(wv[0]);
+            }
+            s = c0 ? s + c : c;
           }
           yp[m * N + b * kLanes + l] = static_cast<at::BFloat16>(bp ? s + bp[b * kLanes + l] : s);
         }
@@ -143,6 +173,9 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
 void register_linear_vnni(pybind11::module& m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("pack_vnni", &pack_vnni, "pack a bf16 weight [N, K] for linear_vnni (N a multiple of 16)", release());
-  m.def("linear_vnni", &linear_vnni, "x @ w.T (+ bias) for decode batches from a pack_vnni weight, bf16",
-        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), release());
+  m.def("linear_vnni", &linear_vnni,
+        "x @ w.T (+ bias) from a pack_vnni weight, bf16; K summed in chunks of k_chunk (lead_k_chunk for the first "
+        "lead_rows rows), 0: one chunk",
+        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("k_chunk") = 0,
+        pybind11::arg("lead_rows") = 0, pybind11::arg("lead_k_chunk") = 0, release());
 }

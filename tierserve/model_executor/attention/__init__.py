@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from tierserve.model_executor.attention.base import AttentionBackend, AttentionMetadata
-from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
+from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend, ReferenceAttentionBackend
 from tierserve.model_executor.attention.cpu_backend import available as cpu_kernels_available
 from tierserve.model_executor.attention.torch_backend import TorchAttentionBackend
 
-BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend}
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend,
+                                                "reference": ReferenceAttentionBackend}
 
 
 def resolve_backend_name(name: str, device: str) -> str:

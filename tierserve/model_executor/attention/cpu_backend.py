@@ -8,7 +8,10 @@ per layer, whatever the mix.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 
 from tierserve.kernels import cpu_ops
 from tierserve.model_executor.attention.base import AttentionMetadata
@@ -23,6 +26,9 @@ def available() -> bool:
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
+    native_decode = True
+    """Whether a decode-only step may run every layer in one native call (``decode_layers``, this backend's kernel)."""
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, block_size)
         ops = cpu_ops()
@@ -59,3 +65,45 @@ class CpuAttentionBackend(TorchAttentionBackend):
                                                 meta.prefill_query_start, seq_lens, self.scale, PREFILL_TILE))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         return o.view(num_tokens, self.num_heads * self.head_dim)
+
+
+class ReferenceAttentionBackend(CpuAttentionBackend):
+    """The native model path with attention computed the way transformers computes it: torch's SDPA called once per
+    sequence on that sequence's keys and values (gathered from the paged cache), a whole prompt with ``is_causal``.
+    SDPA's CPU flash kernel sums its dot products in orders that depend on the call's shape (its BLAS picks a
+    different kernel for a single query row), so only the same calls give the same bits: with this backend (and the
+    linear and RMSNorm kernels, which follow torch's orders everywhere) bf16 greedy tokens equal transformers-bf16's
+    (tests/engine/test_exactness_bf16.py). It costs a Python loop over sequences per layer, so it is for checking
+    numerics, not for serving. A prompt prefilled in chunks or after a prefix-cache hit runs its later part with an
+    explicit mask, which is not the call transformers makes (close, not always the same bits)."""
+
+    native_decode = False
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        nd = meta.num_decode_tokens
+        outs: list[torch.Tensor] = []
+
+        def kv(table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+            k = self._gather(kv_cache[0], table)[:, 0, :length]  # [Hkv, L, D]
+            v = self._gather(kv_cache[1], table)[:, 0, :length]
+            return k.unsqueeze(0), v.unsqueeze(0)
+
+        def sdpa(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+            o = F.scaled_dot_product_attention(rows.transpose(0, 1).unsqueeze(0), k, v, scale=self.scale,
+                                               enable_gqa=hkv != h, **kw)
+            return o[0].transpose(0, 1).reshape(rows.shape[0], h * d)
+
+        for i in range(nd):
+            length = int(meta.decode_seq_lens[i])
+            outs.append(sdpa(q[i:i + 1], *kv(meta.decode_block_tables[i:i + 1], length)))
+        starts = meta.prefill_query_start.tolist()
+        for j, (qlen, slen) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens)):
+            rows = q[nd + starts[j]: nd + starts[j] + qlen]
+            k, v = kv(meta.prefill_block_tables[j:j + 1], slen)
+            if qlen == slen:
+                outs.append(sdpa(rows, k, v, is_causal=True))
+            else:  # bottom-right causal: row i sees keys up to slen - qlen + i
+                mask = torch.arange(slen)[None, :] <= (slen - qlen + torch.arange(qlen))[:, None]
+                outs.append(sdpa(rows, k, v, attn_mask=mask))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -79,6 +79,10 @@ class LlamaForCausalLM(nn.Module):
     """Pair-interleaved copies of the bf16 projection and head weights (id(weight) -> packed) for the native
     ``linear_vnni`` (AVX-512-BF16), made by ``pack_vnni_weights``: bit-identical to torch's bf16 linear on
     99.99% of outputs and faster than oneDNN at every batch size measured on the EPYC (1 to 2048 rows)."""
+    vnni_k_chunks: dict[int, tuple[int, int]] | None = None
+    """Per ``vnni`` weight (id -> (one row, several rows)): the K block sizes in which torch's bf16 linear sums on
+    this CPU at one row and at several (``tierserve.kernels.linear_order``), so ``linear_vnni`` gives its bits. Rows
+    that transformers would compute one at a time (decode tokens, sampled positions in the head) use the first."""
     vnni_max_rows: int | None = None
     """Largest step (rows) that uses ``linear_vnni``; None for all. Set where oneDNN has AMX tiles for larger ones."""
     fused_decode: bool = True
@@ -100,7 +104,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(cfg, max_positions)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
-        self._decode_args: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._decode_args: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
 
     def _layers(self) -> list[LlamaLayer]:
         return [cast(LlamaLayer, m) for m in self.layers]
@@ -126,9 +130,10 @@ class LlamaForCausalLM(nn.Module):
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(x, head).float()
 
-    def _decode_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer (input_norm, qkv, o_proj, post_norm, gate_up, down; the projections as ``vnni`` copies), and
-        the qkv biases if any: the argument lists of the native ``decode_layers`` (built once)."""
+    def _decode_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """Per layer (input_norm, qkv, o_proj, post_norm, gate_up, down; the projections as ``vnni`` copies), the
+        qkv biases if any, and the projections' one-row K chunks: the argument lists of the native ``decode_layers``
+        (built once)."""
         if self._decode_args is None:
             assert self.vnni is not None
             layers = self._layers()
@@ -138,7 +143,9 @@ class LlamaForCausalLM(nn.Module):
                 for w in (la.input_norm, v[id(la.qkv)], v[id(la.o_proj)], la.post_norm, v[id(la.gate_up)],
                           v[id(la.down)])]
             biases: list[torch.Tensor] = [la.qkv_bias for la in layers if la.qkv_bias is not None]
-            self._decode_args = (weights, biases)
+            chunks = self.vnni_k_chunks or {}
+            k_chunks = [chunks.get(id(w), (0, 0))[0] for la in layers for w in (la.qkv, la.o_proj, la.gate_up, la.down)]
+            self._decode_args = (weights, biases, k_chunks)
         return self._decode_args
 
     def weights_in_step_order(self) -> list[torch.Tensor]:
@@ -172,14 +179,23 @@ class LlamaForCausalLM(nn.Module):
         return weights
 
     def pack_vnni_weights(self, ops: ModuleType) -> int:
-        """Keep ``linear_vnni`` copies of the bf16 projection and head weights, in one huge-page arena in step order.
-        Returns the bytes held."""
+        """Keep ``linear_vnni`` copies of the bf16 projection and head weights, in one huge-page arena in step order,
+        and measure the K blocking of torch's linear for each shape (``vnni_k_chunks``). Returns the bytes held."""
+        from tierserve.kernels.linear_order import torch_k_chunks
         from tierserve.utils.hugepages import move_to_arena
 
         weights = self._projections()
         packed = [ops.pack_vnni(w.data) for w in weights]
         arena = move_to_arena(packed)
         self.vnni = {id(w): p for w, p in zip(weights, packed)}
+        head = weights[-1]
+        by_shape: dict[tuple[int, int, bool], tuple[int, int]] = {}
+        self.vnni_k_chunks = {}
+        for w in weights:
+            key = (w.shape[0], w.shape[1], w is head)  # the head only ever runs rows that are one row in transformers
+            if key not in by_shape:
+                by_shape[key] = torch_k_chunks(ops, key[0], key[1], rows=() if w is head else (2, 64))
+            self.vnni_k_chunks[id(w)] = by_shape[key]
         self._decode_args = None
         return arena.numel()
 
@@ -227,10 +243,13 @@ class LlamaForCausalLM(nn.Module):
         vnni = self.vnni if self.vnni and (self.vnni_max_rows is None or t <= self.vnni_max_rows) else None
         packed = self.packed or {}
         pointwise = torch.ops.mkldnn._linear_pointwise if packed else None
+        chunks = self.vnni_k_chunks or {}
 
-        def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                   one_row_rows: int = meta.num_decode_tokens) -> torch.Tensor:
             if vnni is not None:
-                return ops.linear_vnni(h, vnni[id(w)], b)
+                one, several = chunks.get(id(w), (0, 0))
+                return ops.linear_vnni(h, vnni[id(w)], b, several, one_row_rows, one)
             wp = packed.get(id(w))
             return F.linear(h, w, b) if wp is None or pointwise is None else pointwise(h, wp, b, "none", [], "")
 
@@ -239,10 +258,10 @@ class LlamaForCausalLM(nn.Module):
         sin = self.sin.index_select(0, positions)
         delta: torch.Tensor | None = None
         if (vnni is not None and self.fused_decode and meta.num_decode_tokens == t
-                and isinstance(attn, CpuAttentionBackend)):
+                and isinstance(attn, CpuAttentionBackend) and attn.native_decode):
             # a decode-only step: all layers in one native call (same kernels, same order)
-            weights, biases = self._decode_weights()
-            delta = ops.decode_layers(x, weights, biases, kv_caches, cos, sin, meta.slot_mapping,
+            weights, biases, k_chunks = self._decode_weights()
+            delta = ops.decode_layers(x, weights, biases, k_chunks, kv_caches, cos, sin, meta.slot_mapping,
                                       meta.decode_block_tables, meta.decode_seq_lens, attn.scale, self.cfg.rms_norm_eps,
                                       self.cfg.num_heads, self.cfg.num_kv_heads)
         else:
@@ -258,7 +277,7 @@ class LlamaForCausalLM(nn.Module):
         x = (x.index_select(0, logits_indices) + delta.index_select(0, logits_indices))
         h = ops.rms_norm(x, None, self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
-        return linear(h, head).float()
+        return linear(h, head, one_row_rows=h.shape[0]).float()
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Missing or misshapen tensors raise ModelLoadError."""

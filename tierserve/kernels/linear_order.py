@@ -1,0 +1,76 @@
+"""Find the order in which torch's bf16 linear (oneDNN on CPU) sums each output, so ``linear_vnni`` sums the same way.
+
+A bf16 linear accumulates in fp32; which partial sums it forms decides the last bits of each output, and in a model
+those bits decide near-tied greedy tokens. oneDNN's AVX-512-BF16 kernels sum each output's K features in one chain
+per K block (each pair of features in VDPBF16PS order, the block sums then added in order), and pick the block size
+from the shape: measured on the EPYC with torch 2.13, 512 for K = 576 at any row count, and for K = 1536 512 at one
+row but 1024 at two or more. That depends on the CPU, the oneDNN version and the threads, so it is measured here, at
+load, in the process that will run the model: for each weight shape, one probe per candidate block size whose result
+differs between block sizes, checked against ``F.linear``.
+
+The probe: x is all ones; each output column holds +2^25, -2^25 and 1 at three random features. The 1 survives only
+if it is added after both large terms cancelled, or in a partial sum of its own - so the column's bf16 result (0 or
+1) tells where the three features fall in the summation order, and a few hundred columns tell the block size. A
+second probe on random data then checks the whole result, bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_BIG = 2.0**25
+
+
+def _probe_weight(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    w = torch.zeros(n, k)
+    # three distinct features per column
+    a = torch.randint(0, k, (n,), generator=gen)
+    b = torch.randint(0, k - 1, (n,), generator=gen)
+    b += b >= a
+    c = torch.randint(0, k - 2, (n,), generator=gen)
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    c += c >= lo
+    c += c >= hi
+    rows = torch.arange(n)
+    w[rows, a] = _BIG
+    w[rows, b] = -_BIG
+    w[rows, c] = 1.0
+    return w.bfloat16()
+
+
+def candidate_chunks(k: int) -> list[int]:
+    """0 (one chain over all of K), then every multiple of 32 below K."""
+    return [0] + list(range(32, k, 32))
+
+
+def torch_k_chunk(ops: ModuleType, n: int, k: int, rows: int, seed: int = 0) -> int | None:
+    """The ``k_chunk`` with which ``ops.linear_vnni`` equals ``F.linear`` bit for bit on [rows, k] x [n, k] bf16, or
+    None if no block size does (another kernel family, e.g. AMX tiles)."""
+    gen = torch.Generator().manual_seed(seed)
+    probes = [(torch.ones(rows, k, dtype=torch.bfloat16), _probe_weight(n, k, gen)),
+              (torch.randn(rows, k, generator=gen).bfloat16(), (torch.randn(n, k, generator=gen) * 0.05).bfloat16())]
+    refs = [F.linear(x, w) for x, w in probes]
+    packed = [ops.pack_vnni(w) for _, w in probes]
+    for c in candidate_chunks(k):
+        if all(torch.equal(ops.linear_vnni(x, wp, None, c, 0, 0), ref)
+               for (x, _), wp, ref in zip(probes, packed, refs)):
+            return c
+    return None
+
+
+def torch_k_chunks(ops: ModuleType, n: int, k: int, rows: tuple[int, ...] = (2, 64)) -> tuple[int, int]:
+    """(block size at one row, block size at several rows) for an [n, k] weight; 0 where not found (one chain).
+    The several-row probes (``rows``; none: same as one row) must agree, else 0."""
+    one = torch_k_chunk(ops, n, k, 1)
+    multi = {torch_k_chunk(ops, n, k, r) for r in rows} if rows else {one}
+    many = multi.pop() if len(multi) == 1 else None
+    if one is None or many is None:
+        logger.info("linear_vnni cannot reproduce torch's bf16 linear order for [%d, %d] on this CPU "
+                    "(one row: %s, several: %s); summing in one chain", n, k, one, many)
+    return (one or 0, many or 0)
