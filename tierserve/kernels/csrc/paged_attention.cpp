@@ -34,6 +34,7 @@ namespace {
 
 using tierserve_vec::f32;
 
+
 // Keys per softmax split: torch's CPU flash attention's kv split size.
 constexpr int64_t KV_SPLIT = 512;
 
@@ -84,95 +85,240 @@ struct Span {  // where one item's K (or V) blocks live
 };
 
 #ifdef TS_AVX512_BF16
-// v[j] -> lane j of the result = horizontal sum of v[j], for 16 vectors (a transpose-and-add tree: ~3 shuffles/adds
-// per vector instead of a full horizontal reduction each).
-inline __m512 hsum16(const __m512* v) {
-  __m512 u[4];
-  for (int g = 0; g < 4; ++g) {
-    const __m512 a = v[4 * g], b = v[4 * g + 1], c = v[4 * g + 2], e = v[4 * g + 3];
-    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
-    const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
-    u[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(d0, d1)), _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d1)));
-  }
-  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, 0x88), _mm512_shuffle_f32x4(x0, x1, 0xDD));
+// The summation orders of torch's CPU flash attention (what transformers' SDPA runs), measured on its bf16 GEMMs
+// (MKL): which order a query row gets depends on how many rows its GEMM call has (its query block: 32 rows for
+// prompts under 192 tokens, 64 under 768, else 256; the last block has the rest).
+//  * a block of >= 4 rows ("gemm" order): each score is one chain over the features in order; p.V sums each kv
+//    split's keys in chunks (one up to 192 keys, two halves up to 384, else 192-key chunks and the rest), each a
+//    chain over its keys in order from zero, each chunk's sum then added to the output.
+//  * a block of 1-3 rows - every decode step, and a prompt's last 1-3 tokens when its last block is that small
+//    ("gemv" order): each score sums the features in 4 interleaved chains (feature i in chain i % 4) combined as
+//    (c0 + c2) + (c1 + c3); with one row, p.V adds the keys to the output in groups of 4, each group summed as
+//    (k0 + k2) + (k1 + k3), and a split's last 1-3 keys one at a time from the last (2-3 rows: the gemm's p.V,
+//    which is close to but not always the library's).
+//  * short kv splits (a prompt of a few tokens, or a last split of a few keys): scores take the gemv order up to 11
+//    keys, and with 2-3 keys (and >= 2 rows) 8 interleaved chains combined as a halving tree.
+// Both come from VDPBF16PS, which adds a dword's high bf16 product first, then the low one: the operands are laid out
+// so that its fp32 additions are exactly those (bf16 x bf16 products are exact in fp32).
+
+// Within each 128-bit lane, words f0..f7 -> dwords j = (low f4+j, high fj): chain j then takes fj before f4+j.
+inline __m512i gemv_perm(__m512i x) {
+  const __m512i ctl = _mm512_broadcast_i32x4(_mm_setr_epi8(8, 9, 0, 1, 10, 11, 2, 3, 12, 13, 4, 5, 14, 15, 6, 7));
+  return _mm512_shuffle_epi8(x, ctl);
 }
 
-// Scores of one query row against n <= 16 consecutive keys (rows of d bf16, d % 32 == 0). Full: n is 16, known at
-// compile time, so there is no key-count test inside and the accumulators stay in registers (the common case).
-template <bool Full>
-inline void scores16_bf16(const at::BFloat16* qr, const at::BFloat16* k, int64_t n, int64_t d, float scale,
-                          float* out) {
-  const int64_t cnt = Full ? 16 : n;
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t v = 0; v < d; v += 32) {
-    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qr + v);
-    for (int64_t j = 0; j < cnt; ++j) {
-      acc[j] = _mm512_dpbf16_ps(acc[j], qv, (__m512bh)_mm512_loadu_si512(k + j * d + v));
+// a[r] (the 128-bit lanes of 4 vectors) -> t[u] = lane u of a[0..3]
+inline void transpose4x128(const __m512i* a, __m512i* t) {
+  const __m512i t0 = _mm512_shuffle_i32x4(a[0], a[1], 0x44), t1 = _mm512_shuffle_i32x4(a[0], a[1], 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(a[2], a[3], 0x44), t3 = _mm512_shuffle_i32x4(a[2], a[3], 0xEE);
+  t[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  t[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  t[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  t[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+
+// A query row for gemv scores: step u (features 8u..8u+7, permuted) in every 128-bit lane; 4 * DH steps.
+template <int DH>
+inline void gemv_prepare_q(const at::BFloat16* q, __m512i* out) {
+  for (int h = 0; h < DH; ++h) {
+    const __m512i x = gemv_perm(_mm512_loadu_si512(q + 32 * h));
+    out[4 * h] = _mm512_shuffle_i32x4(x, x, 0x00);
+    out[4 * h + 1] = _mm512_shuffle_i32x4(x, x, 0x55);
+    out[4 * h + 2] = _mm512_shuffle_i32x4(x, x, 0xAA);
+    out[4 * h + 3] = _mm512_shuffle_i32x4(x, x, 0xFF);
+  }
+}
+
+// Gemv-order scores of nrows prepared rows against n <= 4 consecutive keys (rows of 32 * DH bf16).
+template <int DH>
+inline void scores_gemv4(const __m512i* qprep, int64_t nrows, const at::BFloat16* k, int n, float scale, float* out,
+                         int64_t out_stride) {
+  constexpr int64_t d = 32 * DH;
+  __m512i t[4 * DH];
+  for (int h = 0; h < DH; ++h) {
+    __m512i a[4];
+    for (int r = 0; r < 4; ++r)  // key r in lane r; step u of every key in t[u]
+      a[r] = r < n ? gemv_perm(_mm512_loadu_si512(k + r * d + 32 * h)) : _mm512_setzero_si512();
+    transpose4x128(a, t + 4 * h);
+  }
+  const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < nrows; ++i) {
+    const __m512i* q = qprep + i * 4 * DH;
+    __m512 acc = _mm512_setzero_ps();
+    for (int u = 0; u < 4 * DH; ++u) acc = _mm512_dpbf16_ps(acc, (__m512bh)q[u], (__m512bh)t[u]);
+    const __m512 x = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));  // c0 + c2, c1 + c3
+    const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));      // (c0 + c2) + (c1 + c3)
+    const __m512 s = _mm512_mul_ps(_mm512_maskz_compress_ps(0x1111, y), sc);
+    _mm512_mask_storeu_ps(out + i * out_stride, keep, s);
+  }
+}
+
+inline uint32_t swap_words(uint32_t x) { return (x << 16) | (x >> 16); }
+
+// Gemm-order scores of nrows rows (each d/2 dwords, words swapped so the even feature is added first) against n <= 16
+// consecutive keys; tb: scratch for the keys transposed (dword u of key j at tb[16 u + j]).
+template <int DH>
+inline void scores_gemm16(const uint32_t* qdw, int64_t nrows, const at::BFloat16* k, int n, float scale, float* out,
+                          int64_t out_stride, uint32_t* tb) {
+  constexpr int U = 16 * DH;  // dwords per row
+  const uint32_t* kd = reinterpret_cast<const uint32_t*>(k);
+  for (int j = 0; j < 16; ++j)
+    for (int u = 0; u < U; ++u) tb[u * 16 + j] = j < n ? swap_words(kd[j * U + u]) : 0u;
+  const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 4 <= nrows; i += 4) {  // four independent chains hide the dot product's latency
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const uint32_t* q = qdw + i * U;
+    for (int u = 0; u < U; ++u) {
+      const __m512bh kv = (__m512bh)_mm512_loadu_si512(tb + 16 * u);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32(static_cast<int>(q[u])), kv);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_set1_epi32(static_cast<int>(q[U + u])), kv);
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_set1_epi32(static_cast<int>(q[2 * U + u])), kv);
+      a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_set1_epi32(static_cast<int>(q[3 * U + u])), kv);
+    }
+    _mm512_mask_storeu_ps(out + i * out_stride, keep, _mm512_mul_ps(a0, sc));
+    _mm512_mask_storeu_ps(out + (i + 1) * out_stride, keep, _mm512_mul_ps(a1, sc));
+    _mm512_mask_storeu_ps(out + (i + 2) * out_stride, keep, _mm512_mul_ps(a2, sc));
+    _mm512_mask_storeu_ps(out + (i + 3) * out_stride, keep, _mm512_mul_ps(a3, sc));
+  }
+  for (; i < nrows; ++i) {
+    __m512 a0 = _mm512_setzero_ps();
+    const uint32_t* q = qdw + i * U;
+    for (int u = 0; u < U; ++u)
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32(static_cast<int>(q[u])),
+                            (__m512bh)_mm512_loadu_si512(tb + 16 * u));
+    _mm512_mask_storeu_ps(out + i * out_stride, keep, _mm512_mul_ps(a0, sc));
+  }
+}
+
+// The chunks (relative to the split's first key) in which a gemm sums a kv split of w keys for p.V.
+inline int chunks_of(int64_t w, int64_t* bounds) {  // bounds[0..n] (n <= 3 for w <= 512)
+  const int64_t n = std::max<int64_t>(1, (w + 191) / 192);
+  bounds[0] = 0;
+  if (n <= 2) {
+    if (n == 2) bounds[1] = w / 2;
+    bounds[n] = w;
+    return static_cast<int>(n);
+  }
+  for (int64_t c = 1; c < n; ++c) bounds[c] = 192 * c;
+  bounds[n] = w;
+  return static_cast<int>(n);
+}
+
+// acc[r] (pv_index layout) += p.V in gemm order over keys [c0, c1) of one chunk, for NR rows: the chunk's sum from
+// zero (key pairs j, j + 1 with key j in the high word, so j is added first), then added to acc.
+template <int NR, int DH, typename V>
+inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow, int64_t c0, int64_t c1, float* acc) {
+  constexpr int64_t d = 32 * DH;
+  __m512 z[NR][2 * DH];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 2 * DH; ++c) z[r][c] = _mm512_setzero_ps();
+  for (int64_t j = c0; j < c1; j += 2) {
+    const bool pair = j + 1 < c1;
+    const at::BFloat16* v0 = vrow(j);
+    const at::BFloat16* v1 = pair ? vrow(j + 1) : nullptr;
+    __m512i lo[DH], hi[DH];
+    for (int h = 0; h < DH; ++h) {
+      const __m512i a = _mm512_loadu_si512(v0 + 32 * h);
+      const __m512i b = pair ? _mm512_loadu_si512(v1 + 32 * h) : _mm512_setzero_si512();
+      lo[h] = _mm512_unpacklo_epi16(b, a);  // low word key j + 1, high word key j
+      hi[h] = _mm512_unpackhi_epi16(b, a);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const uint32_t pj = p[r * p_stride + j], pj1 = pair ? p[r * p_stride + j + 1] : 0u;
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>((pj << 16) | pj1));
+      for (int h = 0; h < DH; ++h) {
+        z[r][2 * h] = _mm512_dpbf16_ps(z[r][2 * h], pp, (__m512bh)lo[h]);
+        z[r][2 * h + 1] = _mm512_dpbf16_ps(z[r][2 * h + 1], pp, (__m512bh)hi[h]);
+      }
     }
   }
-  const __m512 s = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
-  if (Full) {
-    _mm512_storeu_ps(out, s);
-  } else {
-    _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << n) - 1u), s);
-  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 2 * DH; ++c) {
+      float* a = acc + r * d + 16 * c;
+      _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), z[r][c]));
+    }
 }
 
-// acc[r] += sum_j p[r][j] * v[j] for NR rows and n keys, D = 32 * DH, with bf16 dot products over pairs of keys:
-// the rows of keys j and j+1 are interleaved (unpacklo/hi of 16-bit words) so that each fp32 lane holds one feature
-// of both, and the row's (p[j], p[j+1]) pair is broadcast - one dpbf16 does two keys' multiply-adds. The p are
-// already bf16 values (rounded like torch's SDPA), so the products are exact; pairs of keys are summed first, the
-// order of a bf16 GEMM over the keys. The unpacks work within 128-bit lanes, so the accumulator holds the features
-// permuted: see pv_index. acc is kept in that order between blocks.
-template <int NR, int DH>
-inline void values_block_bf16(const uint16_t* p, int64_t p_stride, const at::BFloat16* v, int64_t n, float* acc) {
+// acc[r] (pv_index layout) += p.V in gemv order over a whole split of w keys from key n0 (n0 and block_size multiples
+// of 4): groups of 4 keys, each (k0 + k2) + (k1 + k3), added in order; then the last w % 4 keys from the last.
+template <int NR, int DH, typename V>
+inline void values_gemv_split(const uint16_t* p, int64_t p_stride, const V& vrow, int64_t n0, int64_t w, float* acc) {
   constexpr int64_t d = 32 * DH;
   __m512 a[NR][2 * DH];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < 2 * DH; ++c) a[r][c] = _mm512_loadu_ps(acc + r * d + 16 * c);
-  for (int64_t j = 0; j < n; j += 2) {
-    const bool pair = j + 1 < n;
-    __m512i lo[DH], hi[DH];
+  const int64_t g_end = n0 + w / 4 * 4;
+  for (int64_t g = n0; g < g_end; g += 4) {
+    const at::BFloat16* vb = vrow(g);  // 4 consecutive keys of one block
+    __m512i lo02[DH], hi02[DH], lo13[DH], hi13[DH];
     for (int h = 0; h < DH; ++h) {
-      const __m512i v0 = _mm512_loadu_si512(v + j * d + 32 * h);
-      const __m512i v1 = pair ? _mm512_loadu_si512(v + (j + 1) * d + 32 * h) : _mm512_setzero_si512();
-      lo[h] = _mm512_unpacklo_epi16(v0, v1);
-      hi[h] = _mm512_unpackhi_epi16(v0, v1);
+      const __m512i v0 = _mm512_loadu_si512(vb + 32 * h), v1 = _mm512_loadu_si512(vb + d + 32 * h);
+      const __m512i v2 = _mm512_loadu_si512(vb + 2 * d + 32 * h), v3 = _mm512_loadu_si512(vb + 3 * d + 32 * h);
+      lo02[h] = _mm512_unpacklo_epi16(v2, v0);  // high word key 0: added first
+      hi02[h] = _mm512_unpackhi_epi16(v2, v0);
+      lo13[h] = _mm512_unpacklo_epi16(v3, v1);
+      hi13[h] = _mm512_unpackhi_epi16(v3, v1);
     }
     for (int r = 0; r < NR; ++r) {
-      int32_t p01;  // (p[j], p[j + 1]) as one dword; p[j + 1] meets a zero row when j is the block's last key
-      std::memcpy(&p01, p + r * p_stride + j, sizeof(p01));
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(p01);
+      const uint16_t* pr = p + r * p_stride + g;
+      const __m512bh p02 = (__m512bh)_mm512_set1_epi32(static_cast<int>((uint32_t(pr[0]) << 16) | pr[2]));
+      const __m512bh p13 = (__m512bh)_mm512_set1_epi32(static_cast<int>((uint32_t(pr[1]) << 16) | pr[3]));
+      for (int h = 0; h < DH; ++h) {
+        const __m512 z = _mm512_setzero_ps();
+        const __m512 lo = _mm512_add_ps(_mm512_dpbf16_ps(z, p02, (__m512bh)lo02[h]),
+                                        _mm512_dpbf16_ps(z, p13, (__m512bh)lo13[h]));
+        const __m512 hi = _mm512_add_ps(_mm512_dpbf16_ps(z, p02, (__m512bh)hi02[h]),
+                                        _mm512_dpbf16_ps(z, p13, (__m512bh)hi13[h]));
+        a[r][2 * h] = _mm512_add_ps(a[r][2 * h], lo);
+        a[r][2 * h + 1] = _mm512_add_ps(a[r][2 * h + 1], hi);
+      }
+    }
+  }
+  // the last 1-3 keys, from the last: pairs (high word added first) (e1, e0) then (e0 alone)
+  int64_t e = n0 + w;  // one past the next key to add
+  while (e > g_end) {
+    const bool pair = e - 2 >= g_end;
+    const int64_t hi_key = e - 1, lo_key = e - 2;  // lo_key only when pair
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i lo[DH], hi[DH];
+    for (int h = 0; h < DH; ++h) {
+      const __m512i vh = _mm512_loadu_si512(vrow(hi_key) + 32 * h);
+      const __m512i vl = pair ? _mm512_loadu_si512(vrow(lo_key) + 32 * h) : zero;
+      lo[h] = _mm512_unpacklo_epi16(vl, vh);
+      hi[h] = _mm512_unpackhi_epi16(vl, vh);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const uint32_t ph = p[r * p_stride + hi_key], pl = pair ? p[r * p_stride + lo_key] : 0u;
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>((ph << 16) | pl));
       for (int h = 0; h < DH; ++h) {
         a[r][2 * h] = _mm512_dpbf16_ps(a[r][2 * h], pp, (__m512bh)lo[h]);
         a[r][2 * h + 1] = _mm512_dpbf16_ps(a[r][2 * h + 1], pp, (__m512bh)hi[h]);
       }
     }
+    e -= pair ? 2 : 1;
   }
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < 2 * DH; ++c) _mm512_storeu_ps(acc + r * d + 16 * c, a[r][c]);
 }
 
-template <int DH>
-inline void values_rows_bf16(const uint16_t* p, int64_t p_stride, int64_t nr, const at::BFloat16* v, int64_t n,
-                             float* acc) {
-  constexpr int64_t d = 32 * DH;
+// Rows [0, nr) in groups of up to 4 (their accumulators stay in registers).
+template <typename F>
+inline void by_rows(int64_t nr, F&& f) {
   int64_t r = 0;
-  for (; r + 4 <= nr; r += 4) values_block_bf16<4, DH>(p + r * p_stride, p_stride, v, n, acc + r * d);
+  for (; r + 4 <= nr; r += 4) f(std::integral_constant<int, 4>{}, r);
   switch (nr - r) {
-    case 3: values_block_bf16<3, DH>(p + r * p_stride, p_stride, v, n, acc + r * d); break;
-    case 2: values_block_bf16<2, DH>(p + r * p_stride, p_stride, v, n, acc + r * d); break;
-    case 1: values_block_bf16<1, DH>(p + r * p_stride, p_stride, v, n, acc + r * d); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
     default: break;
   }
 }
 #endif
 
-// Where values_block_bf16 keeps feature i of a row: 32-feature half h = i / 32, 128-bit lane q = (i % 32) / 8; the
+// Where the p.V kernels keep feature i of a row: 32-feature half h = i / 32, 128-bit lane q = (i % 32) / 8; the
 // low four words of each lane went to the "lo" vector (2h), the high four to "hi" (2h + 1).
 inline int64_t pv_index(int64_t i) {
   const int64_t h = i / 32, q = (i % 32) / 8, w = i % 8;
@@ -180,11 +326,14 @@ inline int64_t pv_index(int64_t i) {
 }
 
 // One work item: nq query rows against the first ctx keys of a sequence of kv_total keys (>= ctx: a prefill tile
-// sees the keys up to its last token); row r sees keys [0, limit[r]), limits nondecreasing in r. Writes row r to
+// sees the keys up to its last token); row r sees keys [0, limit[r]), limits nondecreasing in r; rows from gemv_from
+// on belong to a query block of gemv_block (1-3) rows in transformers' call (the gemv order above), the others to
+// blocks of >= 4 (the gemm order). Writes row r to
 // out + (r / G) * out_tok_stride + (r % G) * d.
 template <typename T>
 void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& ks, const Span<T>& vs, int64_t ctx,
-            int64_t kv_total, float scale, T* out, int64_t out_tok_stride, std::vector<float>& scratch) {
+            int64_t kv_total, int64_t gemv_from, int64_t gemv_block, float scale, T* out, int64_t out_tok_stride,
+            std::vector<float>& scratch) {
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
   const int64_t ctx_even = (ctx + 2) / 2 * 2;  // p rows in bf16 for pass 2, with at least one zero past the end
   scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d + 2 * nq + nq * ctx_even / 2));
@@ -200,12 +349,36 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
 #else
   constexpr bool fast_type = false;
 #endif
-  const bool fast = fast_type && d % 32 == 0;
+  const bool fast = fast_type && (d == 64 || d == 128) && ks.block_size % 16 == 0 && KV_SPLIT % ks.block_size == 0;
   if (!fast) {
     for (int64_t r = 0; r < nq; ++r) {
       load_row(qs.row(r), qf + r * d, d);
     }
   }
+  gemv_from = std::clamp<int64_t>(gemv_from, 0, nq);
+#ifdef TS_AVX512_BF16
+  // the query rows laid out for the two score kernels
+  static thread_local std::vector<__m512i> qprep;  // gemv rows: 4 * d / 32 vectors each
+  static thread_local std::vector<uint32_t> qdw, tb;  // gemm rows: d / 2 dwords each; keys transposed
+  if (fast) {
+    const int64_t steps = d / 8, dw = d / 2;
+    qprep.resize(static_cast<size_t>(nq * steps));  // every row: a short split takes the gemv order for all
+    qdw.resize(static_cast<size_t>(gemv_from * dw));
+    tb.resize(static_cast<size_t>(16 * dw));
+    for (int64_t r = 0; r < gemv_from; ++r) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(qs.row(r));
+      for (int64_t u = 0; u < dw; ++u) qdw[r * dw + u] = swap_words(src[u]);
+    }
+    for (int64_t r = 0; r < nq; ++r) {
+      __m512i* dst = qprep.data() + r * steps;
+      if (d == 64) {
+        gemv_prepare_q<2>(reinterpret_cast<const at::BFloat16*>(qs.row(r)), dst);
+      } else {
+        gemv_prepare_q<4>(reinterpret_cast<const at::BFloat16*>(qs.row(r)), dst);
+      }
+    }
+  }
+#endif
   // First row that sees key t (limits are nondecreasing).
   auto first_row = [&](int64_t t) {
     return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
@@ -224,14 +397,42 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     if constexpr (fast_type) {
 #ifdef TS_AVX512_BF16
       if (fast) {
+        const auto* kbb = reinterpret_cast<const at::BFloat16*>(kb);
+        // the kv split's width decides the order for short splits
+        const int64_t w = std::min(KV_SPLIT, kv_total - t0 / KV_SPLIT * KV_SPLIT);
+        const int64_t gv0 = w <= 11 ? r0 : std::max(r0, gemv_from);  // rows [gv0, nq): gemv order
+        const int64_t tree_end = w <= 3 && gemv_block > 1 ? nq : (w <= 3 ? std::max(r0, gemv_from) : r0);
         for (int64_t j0 = 0; j0 < n; j0 += 16) {
-          const int64_t m = std::min<int64_t>(16, n - j0);
-          for (int64_t r = r0; r < nq; ++r) {
-            float* out = sc + r * ctx + t0 + j0;
-            if (m == 16) {
-              scores16_bf16<true>(qs.row(r), kb + j0 * d, m, d, scale, out);
+          const int m = static_cast<int>(std::min<int64_t>(16, n - j0));
+          if (gv0 > r0 && w > 11) {  // gemm rows [r0, gv0)
+            const uint32_t* q = qdw.data() + r0 * (d / 2);
+            float* o = sc + r0 * ctx + t0 + j0;
+            if (d == 64) {
+              scores_gemm16<2>(q, gv0 - r0, kbb + j0 * d, m, scale, o, ctx, tb.data());
             } else {
-              scores16_bf16<false>(qs.row(r), kb + j0 * d, m, d, scale, out);
+              scores_gemm16<4>(q, gv0 - r0, kbb + j0 * d, m, scale, o, ctx, tb.data());
+            }
+          }
+          const int64_t g0 = std::max(gv0, w <= 3 ? tree_end : gv0);  // gemv rows not in the 8-chain tree case
+          for (int j1 = 0; g0 < nq && j1 < m; j1 += 4) {
+            const int m4 = std::min(4, m - j1);
+            const __m512i* q = qprep.data() + g0 * (d / 8);
+            float* o = sc + g0 * ctx + t0 + j0 + j1;
+            if (d == 64) {
+              scores_gemv4<2>(q, nq - g0, kbb + (j0 + j1) * d, m4, scale, o, ctx);
+            } else {
+              scores_gemv4<4>(q, nq - g0, kbb + (j0 + j1) * d, m4, scale, o, ctx);
+            }
+          }
+          for (int64_t r = r0; r < std::min(tree_end, nq); ++r) {  // 2-3 key splits, >= 2 rows: 8 chains, tree
+            const at::BFloat16* qr = reinterpret_cast<const at::BFloat16*>(qs.row(r));
+            for (int j = 0; j < m; ++j) {
+              const at::BFloat16* kr = kbb + (j0 + j) * d;
+              float l[8] = {};
+              for (int64_t x = 0; x < d; ++x) l[x % 8] += f32(qr[x]) * f32(kr[x]);
+              for (int h = 4; h >= 1; h /= 2)
+                for (int i = 0; i < h; ++i) l[i] = l[i] + l[i + h];
+              sc[r * ctx + t0 + j0 + j] = l[0] * scale;
             }
           }
         }
@@ -261,7 +462,7 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
   std::fill(run_sum, run_sum + nq, 0.f);
   std::fill(run_max, run_max + nq, -std::numeric_limits<float>::infinity());
   std::fill(acc, acc + nq * d, 0.f);
-  bool permuted = false;  // acc in values_block_bf16's feature order
+  bool permuted = false;  // acc in the p.V kernels' feature order (pv_index)
   for (int64_t n0 = 0; n0 < ctx; n0 += KV_SPLIT) {
     const int64_t width = std::min(KV_SPLIT, kv_total - n0);  // torch's kvBlockSize
     const int64_t nend = std::min(n0 + width, ctx);            // keys with scores here
@@ -288,7 +489,10 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
       {
         using Vec = at::vec::Vectorized<float>;
         const __m512 mv = _mm512_set1_ps(m);
-        Vec zv(0.f);
+        // z in torch's order (bf16): 32-key steps into two accumulators (keys 0-15 and 16-31 of each), a last
+        // 16-key vector into a third that joins the first, then the two added and the lanes reduced
+        Vec zv[3] = {Vec(0.f), Vec(0.f), Vec(0.f)};
+        const int64_t vend2 = n0 + width / 32 * 32;
         for (; t < std::min(vend, lim); t += 16) {
           const __mmask16 k = lim - t >= 16 ? static_cast<__mmask16>(0xFFFF)
                                             : static_cast<__mmask16>((1u << (lim - t)) - 1u);
@@ -298,7 +502,8 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
           // z sees it); other dtypes keep a ~1 ulp exp.
           const __m512 e = _mm512_maskz_mov_ps(k, std::is_same_v<T, at::BFloat16> ? __m512(Vec(xm).fexp_u20())
                                                                                  : tierserve_vec::exp512(xm));
-          zv = zv + Vec(e);
+          Vec& za = zv[std::is_same_v<T, at::BFloat16> ? (t >= vend2 ? 2 : ((t - n0) / 16) % 2) : 0];
+          za = za + Vec(e);
           if constexpr (std::is_same_v<T, at::BFloat16>) {
             const __m256i eb = tierserve_vec::to_bf16(e);
             _mm512_mask_storeu_ps(s + t, k, tierserve_vec::bf16x16_to_f32(eb));
@@ -308,7 +513,8 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
           }
         }
         pb_done = std::min(t, lim);  // a masked last vector may end past lim
-        z = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, zv);
+        const Vec zsum = (zv[0] + zv[2]) + zv[1];
+        z = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, zsum);
       }
 #endif
       for (; t < lim; ++t) {
@@ -330,34 +536,62 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
         pr[nend] = 0;  // the partner of an odd block's last key (overwritten by the next split)
       }
     }
-    // p.V over this split's keys, block by block.
+    // p.V over this split's keys.
+#ifdef TS_AVX512_BF16
+    if (fast) {
+      if constexpr (fast_type) {
+        auto vrow = [&](int64_t t) { return reinterpret_cast<const at::BFloat16*>(vs.block(t) + (t % bs) * d); };
+        const int64_t gv_from = gemv_block == 1 ? gemv_from : nq;  // rows of 1-row blocks: groups of 4
+        const int64_t r1 = first_row(n0), gm_end = std::max(r1, gv_from), gv0 = std::max(r1, gv_from);
+        if (gm_end > r1) {  // gemm rows: chunk sums added to acc; keys no row of them sees have p = 0 (skipped)
+          const int64_t kend = std::min(nend, limit[gm_end - 1]);
+          int64_t bnd[8];
+          const int nc = chunks_of(width, bnd);
+          for (int c = 0; c < nc; ++c) {
+            const int64_t c0 = n0 + bnd[c], c1 = std::min(n0 + bnd[c + 1], kend);
+            if (c0 >= c1) break;
+            const int64_t rr = first_row(c0);
+            auto run = [&](auto nr, int64_t r) {
+              constexpr int NR = decltype(nr)::value;
+              const uint16_t* pr = pb + (rr + r) * ctx_even;
+              if (d == 64) {
+                values_gemm_chunk<NR, 2>(pr, ctx_even, vrow, c0, c1, acc + (rr + r) * d);
+              } else {
+                values_gemm_chunk<NR, 4>(pr, ctx_even, vrow, c0, c1, acc + (rr + r) * d);
+              }
+            };
+            if (rr < gm_end) by_rows(gm_end - rr, run);
+          }
+        }
+        if (gv0 < nq) {  // gemv rows: the whole split (their tile ends at the last key: nend == n0 + width)
+          TORCH_CHECK(nend == n0 + width, "paged attention: gemv rows must see the whole kv split");
+          auto run = [&](auto nr, int64_t r) {
+            constexpr int NR = decltype(nr)::value;
+            const uint16_t* pr = pb + (gv0 + r) * ctx_even;
+            if (d == 64) {
+              values_gemv_split<NR, 2>(pr, ctx_even, vrow, n0, width, acc + (gv0 + r) * d);
+            } else {
+              values_gemv_split<NR, 4>(pr, ctx_even, vrow, n0, width, acc + (gv0 + r) * d);
+            }
+          };
+          by_rows(nq - gv0, run);
+        }
+        permuted = true;
+      }
+      continue;
+    }
+#endif
     for (int64_t t0 = n0; t0 < nend;) {
       const int64_t off = t0 % bs, n = std::min(bs - off, nend - t0), r0 = first_row(t0);
       const T* vb = vs.block(t0) + off * d;
       if (r0 < nq) {
-        bool done = false;
-        if constexpr (fast_type) {
-#ifdef TS_AVX512_BF16
-          if (fast && (d == 64 || d == 128)) {
-            if (d == 64) {
-              values_rows_bf16<2>(pb + r0 * ctx_even + t0, ctx_even, nq - r0, vb, n, acc + r0 * d);
-            } else {
-              values_rows_bf16<4>(pb + r0 * ctx_even + t0, ctx_even, nq - r0, vb, n, acc + r0 * d);
-            }
-            permuted = true;
-            done = true;
-          }
-#endif
-        }
-        if (!done) {
-          for (int64_t j = 0; j < n; ++j) {
-            load_row(vb + j * d, row, d);
-            for (int64_t r = r0; r < nq; ++r) {
-              const float p = sc[r * ctx + t0 + j];
-              float* a = acc + r * d;
+        for (int64_t j = 0; j < n; ++j) {
+          load_row(vb + j * d, row, d);
+          for (int64_t r = r0; r < nq; ++r) {
+            const float p = sc[r * ctx + t0 + j];
+            float* a = acc + r * d;
 #pragma omp simd
-              for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
-            }
+            for (int64_t i = 0; i < d; ++i) a[i] += p * row[i];
           }
         }
       }
@@ -421,8 +655,8 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& cache, c
           const Span<scalar_t> k1{kp + h1 * head_stride, bt + b1 * max_blocks, bs, bs * D};
           k1.template prefetch<3>(0, std::min(bs, sl[b1]), D);
         }
-        attend<scalar_t>(rows, G, limit.data(), ks, vs, ctx, ctx, static_cast<float>(scale), op + (b * H + h * G) * D,
-                         H * D, scratch);
+        attend<scalar_t>(rows, G, limit.data(), ks, vs, ctx, ctx, 0, 1, static_cast<float>(scale),
+                         op + (b * H + h * G) * D, H * D, scratch);
       }
     });
   });
@@ -478,7 +712,12 @@ torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, 
         const Rows<scalar_t> rows{qp + (tok * H + h * G) * D, H * D, G, D};
         const Span<scalar_t> ks{kp + h * head_stride, bt + p * max_blocks, bs, bs * D};
         const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + p * max_blocks, bs, bs * D};
-        attend<scalar_t>(rows, n_tok * G, limit.data(), ks, vs, ctx, sl[p], static_cast<float>(scale),
+        // transformers' SDPA call for the prompt: its last query block takes the gemv order if it has 1-3 rows
+        const int64_t L = sl[p], qsplit = L >= 768 ? 256 : (L >= 192 ? 64 : 32);
+        const int64_t last_block = (L - 1) / qsplit * qsplit, gemv_pos = L - last_block <= 3 ? last_block : L;
+        const int64_t gemv_from = std::clamp<int64_t>(gemv_pos - first_pos, 0, n_tok) * G;
+        attend<scalar_t>(rows, n_tok * G, limit.data(), ks, vs, ctx, L, gemv_from, L - last_block,
+                         static_cast<float>(scale),
                          op + (tok * H + h * G) * D, H * D, scratch);
       }
     });
