@@ -30,6 +30,14 @@ AMX_VNNI_MAX_ROWS = 32
 the peak ratio, ~6x on those Xeons; not measured here: no AMX machine was available)."""
 
 
+def _ref_len(s: ScheduledRequest) -> int:
+    """The whole prompt's length for a chunk inside it (transformers prefills a prompt in one call), else the
+    chunk's end (a recomputed sequence after preemption has no such call)."""
+    end = s.request.num_computed_tokens + s.num_new_tokens
+    n = s.request.num_prompt_tokens
+    return n if end <= n else end
+
+
 @dataclass
 class ModelRunnerOutput:
     sampled_requests: list[Request]
@@ -136,6 +144,7 @@ class ModelRunner:
             prefill_query_start=torch.tensor(qstart, dtype=torch.long, device=self.device),
             prefill_seq_lens_t=torch.tensor([s.request.num_computed_tokens + s.num_new_tokens for s in prefills],
                                             dtype=torch.long),
+            prefill_ref_lens_t=torch.tensor([_ref_len(s) for s in prefills], dtype=torch.long),
         )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions_t = torch.tensor(pos, dtype=torch.long, device=self.device)

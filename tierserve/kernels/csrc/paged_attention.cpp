@@ -665,10 +665,12 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& cache, c
 
 // Prefill chunks: q [T, H, D] holds the chunks back to back (chunk p is tokens query_start[p]..query_start[p+1]),
 // chunk p ends at position seq_lens[p] (its earlier context already cached; its own K/V written) -> [T, H, D],
-// causal. Chunks are split into query tiles of `tile` tokens for load balance.
+// causal. Chunks are split into query tiles of `tile` tokens for load balance. ref_lens[p] (default seq_lens[p]):
+// the length of the whole prompt the chunk belongs to - transformers attends over it in one call, whose shape
+// decides the summation orders (a prompt prefilled in chunks or after a prefix-cache hit then sums the same way).
 torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
                             const torch::Tensor& query_start, const torch::Tensor& seq_lens, double scale,
-                            int64_t tile) {
+                            int64_t tile, const c10::optional<torch::Tensor>& ref_lens) {
   check_common(q, cache, block_tables);
   TORCH_CHECK(query_start.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong &&
                   query_start.is_contiguous() && seq_lens.is_contiguous(),
@@ -683,6 +685,12 @@ torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, 
   const int64_t* qs = query_start.data_ptr<int64_t>();
   const int64_t* sl = seq_lens.data_ptr<int64_t>();
   TORCH_CHECK(qs[0] == 0 && qs[P] == T, "paged_prefill: query_start must span q");
+  const bool has_ref = ref_lens.has_value() && ref_lens->defined();
+  TORCH_CHECK(!has_ref || (ref_lens->scalar_type() == at::kLong && ref_lens->is_contiguous() &&
+                           ref_lens->numel() == P),
+              "paged_prefill: ref_lens must be int64 [chunks]");
+  const int64_t* rl = has_ref ? ref_lens->data_ptr<int64_t>() : sl;
+  for (int64_t p = 0; p < P; ++p) TORCH_CHECK(rl[p] >= sl[p], "paged_prefill: ref_lens below seq_lens");
   // Work items (chunk, first token of the tile); kv heads are the inner index.
   std::vector<std::pair<int64_t, int64_t>> tiles;
   for (int64_t p = 0; p < P; ++p) {
@@ -713,7 +721,7 @@ torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, 
         const Span<scalar_t> ks{kp + h * head_stride, bt + p * max_blocks, bs, bs * D};
         const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + p * max_blocks, bs, bs * D};
         // transformers' SDPA call for the prompt: its last query block takes the gemv order if it has 1-3 rows
-        const int64_t L = sl[p], qsplit = L >= 768 ? 256 : (L >= 192 ? 64 : 32);
+        const int64_t L = rl[p], qsplit = L >= 768 ? 256 : (L >= 192 ? 64 : 32);
         const int64_t last_block = (L - 1) / qsplit * qsplit, gemv_pos = L - last_block <= 3 ? last_block : L;
         const int64_t gemv_from = std::clamp<int64_t>(gemv_pos - first_pos, 0, n_tok) * G;
         attend<scalar_t>(rows, n_tok * G, limit.data(), ks, vs, ctx, L, gemv_from, L - last_block,
@@ -747,5 +755,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("paged_decode", &paged_decode, "Paged decode attention reading K/V in place (CPU)", release());
   m.def("paged_prefill", &paged_prefill, "Paged causal attention for prefill chunks, K/V read in place (CPU)",
-        release());
+        pybind11::arg("q"), pybind11::arg("cache"), pybind11::arg("block_tables"), pybind11::arg("query_start"),
+        pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("tile"),
+        pybind11::arg("ref_lens") = pybind11::none(), release());
 }

@@ -30,6 +30,9 @@ class AttentionMetadata:
     """[num_prefills + 1] int64 offsets of each prefill chunk within the prefill tokens."""
     prefill_seq_lens_t: torch.Tensor | None = None
     """``prefill_seq_lens`` as an int64 tensor (on the host), when the runner built one."""
+    prefill_ref_lens_t: torch.Tensor | None = None
+    """Per prefill chunk, the length of the whole prompt it belongs to (>= its seq len; int64, host): the shape of
+    the single attention call transformers would make, which the CPU kernels follow for its summation orders."""
 
 
 class AttentionBackend(Protocol):

@@ -62,7 +62,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
             if seq_lens is None:
                 seq_lens = torch.tensor(meta.prefill_seq_lens, dtype=torch.long)
             parts.append(self.ops.paged_prefill(q[nd:], kv_cache, meta.prefill_block_tables,
-                                                meta.prefill_query_start, seq_lens, self.scale, PREFILL_TILE))
+                                                meta.prefill_query_start, seq_lens, self.scale, PREFILL_TILE,
+                                                meta.prefill_ref_lens_t))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         return o.view(num_tokens, self.num_heads * self.head_dim)
 
