@@ -141,16 +141,20 @@ inline void scores_gemv4(const __m512i* qprep, int64_t nrows, const at::BFloat16
       a[r] = r < n ? gemv_perm(_mm512_loadu_si512(k + r * d + 32 * h)) : _mm512_setzero_si512();
     transpose4x128(a, t + 4 * h);
   }
-  const __mmask16 keep = static_cast<__mmask16>((1u << n) - 1u);
-  const __m512 sc = _mm512_set1_ps(scale);
+  const __mmask8 keep = static_cast<__mmask8>((1u << n) - 1u);
+  const __m128 sc = _mm_set1_ps(scale);
   for (int64_t i = 0; i < nrows; ++i) {
     const __m512i* q = qprep + i * 4 * DH;
     __m512 acc = _mm512_setzero_ps();
     for (int u = 0; u < 4 * DH; ++u) acc = _mm512_dpbf16_ps(acc, (__m512bh)q[u], (__m512bh)t[u]);
     const __m512 x = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));  // c0 + c2, c1 + c3
     const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));      // (c0 + c2) + (c1 + c3)
-    const __m512 s = _mm512_mul_ps(_mm512_maskz_compress_ps(0x1111, y), sc);
-    _mm512_mask_storeu_ps(out + i * out_stride, keep, s);
+    const __m128 s = _mm_mul_ps(_mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, y)), sc);
+    if (n == 4) {
+      _mm_storeu_ps(out + i * out_stride, s);
+    } else {
+      _mm_mask_storeu_ps(out + i * out_stride, keep, s);
+    }
   }
 }
 
