@@ -143,10 +143,7 @@ inline void scores_gemv4(const __m512i* qprep, int64_t nrows, const at::BFloat16
   }
   const __mmask8 keep = static_cast<__mmask8>((1u << n) - 1u);
   const __m128 sc = _mm_set1_ps(scale);
-  for (int64_t i = 0; i < nrows; ++i) {
-    const __m512i* q = qprep + i * 4 * DH;
-    __m512 acc = _mm512_setzero_ps();
-    for (int u = 0; u < 4 * DH; ++u) acc = _mm512_dpbf16_ps(acc, (__m512bh)q[u], (__m512bh)t[u]);
+  auto finish = [&](__m512 acc, int64_t i) {
     const __m512 x = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));  // c0 + c2, c1 + c3
     const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));      // (c0 + c2) + (c1 + c3)
     const __m128 s = _mm_mul_ps(_mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, y)), sc);
@@ -155,6 +152,25 @@ inline void scores_gemv4(const __m512i* qprep, int64_t nrows, const at::BFloat16
     } else {
       _mm_mask_storeu_ps(out + i * out_stride, keep, s);
     }
+  };
+  int64_t i = 0;
+  for (; i + 3 <= nrows; i += 3) {  // three rows' chains interleaved (a GQA group), so their latencies overlap
+    const __m512i* q = qprep + i * 4 * DH;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0;
+    for (int u = 0; u < 4 * DH; ++u) {
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)q[u], (__m512bh)t[u]);
+      a1 = _mm512_dpbf16_ps(a1, (__m512bh)q[4 * DH + u], (__m512bh)t[u]);
+      a2 = _mm512_dpbf16_ps(a2, (__m512bh)q[8 * DH + u], (__m512bh)t[u]);
+    }
+    finish(a0, i);
+    finish(a1, i + 1);
+    finish(a2, i + 2);
+  }
+  for (; i < nrows; ++i) {
+    const __m512i* q = qprep + i * 4 * DH;
+    __m512 acc = _mm512_setzero_ps();
+    for (int u = 0; u < 4 * DH; ++u) acc = _mm512_dpbf16_ps(acc, (__m512bh)q[u], (__m512bh)t[u]);
+    finish(acc, i);
   }
 }
 
