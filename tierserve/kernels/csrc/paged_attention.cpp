@@ -355,7 +355,7 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
             int64_t kv_total, int64_t gemv_from, int64_t gemv_block, float scale, T* out, int64_t out_tok_stride,
             std::vector<float>& scratch) {
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
-  const int64_t ctx_even = (ctx + 2) / 2 * 2;  // p rows in bf16 for pass 2, with at least one zero past the end
+  const int64_t ctx_even = (ctx + 1) / 2 * 2;  // p rows in bf16 for pass 2 (even length: dword-aligned rows)
   scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d + 2 * nq + nq * ctx_even / 2));
   float* qf = scratch.data();
   float* sc = qf + nq * d;
@@ -553,7 +553,6 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
       if constexpr (std::is_same_v<T, at::BFloat16>) {  // the bf16 bits of p (exact: p is already bf16-valued)
         uint16_t* pr = pb + r * ctx_even;
         for (int64_t u = pb_done; u < nend; ++u) pr[u] = c10::BFloat16(s[u]).x;
-        pr[nend] = 0;  // the partner of an odd block's last key (overwritten by the next split)
       }
     }
     // p.V over this split's keys.
