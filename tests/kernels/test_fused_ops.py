@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tierserve.kernels import cpu_ops
 from tierserve.model_executor.models.llama import rms_norm
 from tierserve.model_executor.models.rope import apply_rope
+from tierserve.utils.cpu import cpu_info
 
 ops = cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="native kernels cannot be built here")
@@ -100,6 +101,8 @@ def test_linear_vnni_matches_fp32_reference(m: int, n: int, k: int) -> None:
 
 
 @needs_vnni
+@pytest.mark.skipif(cpu_info().has_amx, reason="on AMX CPUs torch's bf16 linear sums on oneDNN's AMX tiles, in an "
+                    "order linear_vnni cannot follow; the engine uses linear_amx there (tested below)")
 @pytest.mark.parametrize("m", [1, 4, 16, 200])
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (3072, 576)])
 def test_linear_vnni_with_torchs_k_blocking_is_bit_identical(m: int, n: int, k: int) -> None:
@@ -119,6 +122,30 @@ def test_linear_vnni_with_torchs_k_blocking_is_bit_identical(m: int, n: int, k: 
         lead = m // 2
         mixed = torch.cat([per_row[:lead], F.linear(x[lead:], w)])
         assert torch.equal(ops.linear_vnni(x, wp, None, several, lead, one), mixed)
+
+
+@pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("m", [1, 3, 16, 32, 60, 200, 600])
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (3072, 576)])
+def test_linear_amx_is_bit_identical_to_torch(m: int, n: int, k: int) -> None:
+    """On AMX, linear_amx from the linear_vnni packing equals torch's bf16 linear bit for bit: up to 32 rows with one
+    chain over K (and each row as if alone, as transformers decodes), above that with the K chunks oneDNN picks for
+    the row count (AmxKChunks, measured on first use). The bias lands before the rounding to bf16, as in F.linear."""
+    from tierserve.kernels.linear_order import AmxKChunks
+
+    chunks = AmxKChunks(ops)
+    x = torch.randn(m, k, generator=_g()).bfloat16()
+    w = (torch.randn(n, k, generator=_g(1)) * 0.05).bfloat16()
+    wp = ops.pack_vnni(w)
+    c = chunks(n, k, m)
+    assert (c == 0) if m <= 32 else (c % 32 == 0)
+    assert torch.equal(ops.linear_amx(x, wp, None, c), F.linear(x, w))
+    if m <= 32:
+        assert torch.equal(ops.linear_amx(x, wp, None, 0), torch.cat([F.linear(x[i:i + 1], w) for i in range(m)]))
+    b = torch.randn(n, generator=_g(2)).bfloat16()
+    torch.testing.assert_close(ops.linear_amx(x, wp, b, c).float(), F.linear(x, w, b).float(), atol=1e-2, rtol=8e-3)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops.linear_amx(x, wp, None, 48)
 
 
 def test_linear_vnni_k_chunk_arguments() -> None:

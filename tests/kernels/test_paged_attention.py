@@ -124,9 +124,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
 needs_bf16 = pytest.mark.skipif(not getattr(__import__("tierserve.kernels", fromlist=["cpu_ops"]).cpu_ops(),
                                             "has_avx512_bf16", False),
                                 reason="the bf16 summation orders are the AVX-512-BF16 kernels'")
+_has_amx = __import__("tierserve.utils.cpu", fromlist=["cpu_info"]).cpu_info().has_amx
+avx512_orders = pytest.mark.skipif(
+    _has_amx, reason="on AMX CPUs torch's flash attention sums on oneDNN's AMX tiles, not in these AVX-512 orders; "
+    "the engine prefills through SDPA there (test_sdpa_prefill_chunks_sum_like_the_whole_prompt)")
 
 
 @needs_bf16
+@avx512_orders
 @pytest.mark.parametrize("ctx", [1, 4, 5, 11, 12, 40, 193, 333, 513, 700, 1100])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_bf16_is_bit_identical_to_torch_sdpa(kind: str, ctx: int) -> None:
@@ -152,6 +157,7 @@ def test_bf16_is_bit_identical_to_torch_sdpa(kind: str, ctx: int) -> None:
 
 
 @needs_bf16
+@avx512_orders
 @pytest.mark.parametrize("ctx,chunk", [(333, 100), (1100, 600), (200, 199)])
 def test_bf16_chunked_prefill_sums_like_the_whole_prompt(ctx: int, chunk: int) -> None:
     """A prompt prefilled in two chunks (the second reading the first's K/V from the cache) gives the bits of one
@@ -169,3 +175,27 @@ def test_bf16_chunked_prefill_sums_like_the_whole_prompt(ctx: int, chunk: int) -
     with pytest.raises(RuntimeError, match="ref_lens below seq_lens"):
         ops.paged_prefill(q[:chunk], cache, table, torch.tensor([0, chunk]), torch.tensor([chunk]), d**-0.5, 32,
                           torch.tensor([chunk - 1]))
+
+
+@pytest.mark.parametrize("ctx,chunk", [(333, 100), (1100, 600), (200, 199)])
+def test_sdpa_prefill_chunks_sum_like_the_whole_prompt(ctx: int, chunk: int) -> None:
+    """With ``sdpa_prefill`` (CPUs with AMX), each chunk of a prompt runs the single SDPA call transformers makes over
+    the whole prompt (its rows among zero queries, later keys zero), so a prompt prefilled in two chunks gets that
+    call's bits exactly; without the prompt's length it falls back to a masked call over the chunk's own context."""
+    q, k, v, cache, table = _sdpa_case("prefill", ctx, seed=1)
+    h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    backend = CpuAttentionBackend(h, hkv, d, cache.shape[3])
+    backend.sdpa_prefill = True
+    ref = _sdpa(q, k, v, causal=True).reshape(ctx, h * d)
+
+    def meta(a: int, b: int, ref_len: int | None) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=torch.arange(a, b), num_decode_tokens=0, decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
+            decode_seq_lens=torch.zeros(0, dtype=torch.long), prefill_query_lens=[b - a], prefill_seq_lens=[b],
+            prefill_block_tables=table, prefill_query_start=torch.tensor([0, b - a]),
+            prefill_ref_lens_t=None if ref_len is None else torch.tensor([ref_len]))
+
+    parts = [backend.attend(q[a:b], cache, meta(a, b, ctx)) for a, b in ((0, chunk), (chunk, ctx))]
+    assert torch.equal(torch.cat(parts), ref)
+    masked = backend.attend(q[chunk:], cache, meta(chunk, ctx, None))
+    torch.testing.assert_close(masked.float(), ref[chunk:].float(), atol=2e-2, rtol=2e-2)

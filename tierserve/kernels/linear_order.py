@@ -74,3 +74,51 @@ def torch_k_chunks(ops: ModuleType, n: int, k: int, rows: tuple[int, ...] = (2, 
         logger.info("linear_vnni cannot reproduce torch's bf16 linear order for [%d, %d] on this CPU "
                     "(one row: %s, several: %s); summing in one chain", n, k, one, many)
     return (one or 0, many or 0)
+
+
+class AmxKChunks:
+    """The K blocking of torch's bf16 linear on a CPU with AMX, where oneDNN's tile kernels sum each output over K in
+    order, 32 features per tile step (what ``ops.linear_amx`` does with no chunk) - up to 32 rows; above that oneDNN
+    splits K between threads for mid-sized M and adds the parts (measured with torch 2.13 on a 2-core Xeon: K = 576
+    in halves for 33 to a few hundred rows, K = 1536 in thirds or quarters by M, one chain again for large M). The
+    split follows oneDNN's own heuristics of M, N, K and the threads, so it is measured, per shape and row count, the
+    first time that row count is asked for (a few ms; remembered), with the probe of ``torch_k_chunk`` against
+    ``linear_amx``: prefill rows then sum as transformers' single call over the whole prompt does."""
+
+    def __init__(self, ops: ModuleType) -> None:
+        self.ops = ops
+        self._chunks: dict[tuple[int, int, int], int] = {}
+        self._probes: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def candidates(self, k: int) -> list[int]:
+        """One chain first, then even splits of K (most likely), then every multiple of 32."""
+        splits = [k // s for s in range(2, 9) if k % s == 0 and (k // s) % 32 == 0]
+        return [0] + splits + [c for c in range(32, k, 32) if c not in splits]
+
+    def __call__(self, n: int, k: int, rows: int) -> int:
+        """The k_chunk for ``linear_amx`` that gives torch's bits for an [rows, k] x [n, k] call (0: one chain; also
+        when nothing matches, which is logged once)."""
+        key = (n, k, rows)
+        if key in self._chunks:
+            return self._chunks[key]
+        if rows <= 32:
+            self._chunks[key] = 0
+            return 0
+        if (n, k) not in self._probes:
+            gen = torch.Generator().manual_seed(0)
+            ws = [_probe_weight(n, k, gen), (torch.randn(n, k, generator=gen) * 0.05).bfloat16()]
+            self._probes[(n, k)] = [(w, self.ops.pack_vnni(w)) for w in ws]
+        gen = torch.Generator().manual_seed(rows)
+        xs = [torch.ones(rows, k, dtype=torch.bfloat16), torch.randn(rows, k, generator=gen).bfloat16()]
+        refs = [F.linear(x, w) for x, (w, _) in zip(xs, self._probes[(n, k)])]
+        found = 0
+        for c in self.candidates(k):
+            if all(torch.equal(self.ops.linear_amx(x, wp, None, c), ref)
+                   for x, (_, wp), ref in zip(xs, self._probes[(n, k)], refs)):
+                found = c
+                break
+        else:
+            logger.info("linear_amx cannot reproduce torch's bf16 linear order for [%d, %d] x %d rows; one chain",
+                        n, k, rows)
+        self._chunks[key] = found
+        return found

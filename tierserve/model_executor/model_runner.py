@@ -16,6 +16,7 @@ from tierserve.config import CacheConfig, ModelConfig
 from tierserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from tierserve.errors import OutOfKVCacheMemoryError
 from tierserve.model_executor.attention import AttentionMetadata, get_backend, resolve_backend_name
+from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
 from tierserve.model_executor.models.llama import LlamaForCausalLM
 from tierserve.model_executor.sampler import SamplerOutput, sample
 from tierserve.request import Request
@@ -88,18 +89,33 @@ class ModelRunner:
             self.model.fused_ops = cpu_ops()
             ops = self.model.fused_ops
             if ops is not None and dtype == torch.bfloat16 and getattr(ops, "has_avx512_bf16", False):
-                extra = self.model.pack_vnni_weights(ops)
-                logger.info("packed %.0f MiB of bf16 weights for the native AVX-512-BF16 linear", extra / 2**20)
-                if cpu_info().has_amx:
-                    # oneDNN's AMX tiles beat AVX-512 dot products on prefill-sized GEMMs; decode stays native
+                amx = cpu_info().has_amx and self._amx_fits() and ops.amx_available()
+                extra = self.model.pack_vnni_weights(ops, measure_chunks=not amx)
+                logger.info("packed %.0f MiB of bf16 weights for the native AVX-512-BF16 / AMX linear", extra / 2**20)
+                if amx:
+                    # the same packed weights are AMX weight tiles: every projection on the tile unit
+                    from tierserve.kernels.linear_order import AmxKChunks
+
+                    self.model.amx_chunks = AmxKChunks(ops)
+                    logger.info("projections on AMX tiles (linear_amx)")
+                if cpu_info().has_amx and isinstance(self.attn, CpuAttentionBackend):
+                    # torch's flash attention sums on AMX tiles here: prefill through it, decode stays native
+                    self.attn.sdpa_prefill = True
+                elif cpu_info().has_amx:
+                    # AMX without the native tile kernel: oneDNN's tiles beat AVX-512 dot products on large GEMMs
                     self.model.vnni_max_rows = AMX_VNNI_MAX_ROWS
                     extra = self.model.pack_weights()
                     logger.info("packed %.0f MiB of bf16 weights for oneDNN (AMX) GEMMs", extra / 2**20)
-                else:
+                if self.model.vnni_max_rows is None:
                     freed = self.model.drop_plain_projections()
                     logger.info("released the %.0f MiB of unpacked projection weights", freed / 2**20)
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
+
+    def _amx_fits(self) -> bool:
+        """linear_amx needs every projection's (and the head's) input width to be a multiple of 32."""
+        c = self.cfg
+        return all(k % 32 == 0 for k in (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size))
 
     def _block_table(self, reqs: list[Request]) -> torch.Tensor:
         width = max((len(r.block_ids) for r in reqs), default=1)

@@ -229,7 +229,9 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
                               const torch::Tensor& seq_lens, double scale);  // paged_attention.cpp
 torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk);  // linear_vnni.cpp
+                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk);
+torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                         int64_t k_chunk);  // linear_amx.cpp
 
 // Every decoder layer of a decode-only bf16 step in one call: the same kernels, in the same order and with the same
 // rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a Python round trip (and a GIL hand-over)
@@ -242,7 +244,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
                             const std::vector<torch::Tensor>& caches,
                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
                             const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
-                            double eps, int64_t num_heads, int64_t num_kv_heads) {
+                            double eps, int64_t num_heads, int64_t num_kv_heads, bool amx) {
   const int64_t L = static_cast<int64_t>(caches.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(weights.size()) == 6 * L,
               "decode_layers: 6 weights per layer and one cache per layer");
@@ -258,15 +260,19 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     if (!qkv_bias.empty()) bias = qkv_bias[l];
     const int64_t* kc = k_chunks.empty() ? nullptr : k_chunks.data() + 4 * l;
     auto chunk = [kc](int i) -> int64_t { return kc ? kc[i] : 0; };
+    // the projections on AMX tiles where the caller asks (same packed weights, same K chunks)
+    auto linear = [amx](const torch::Tensor& in, const torch::Tensor& wp, const c10::optional<torch::Tensor>& b,
+                        int64_t k_chunk) {
+      return amx ? linear_amx(in, wp, b, k_chunk) : linear_vnni(in, wp, b, k_chunk, 0, 0);
+    };
     torch::Tensor h = rms_norm(x, delta, w[0], eps);
-    torch::Tensor qkv = linear_vnni(h, w[1], bias, chunk(0), 0, 0);
+    torch::Tensor qkv = linear(h, w[1], bias, chunk(0));
     rope_and_cache(qkv, cos, sin, caches[l], slots, num_heads, num_kv_heads);
     torch::Tensor a = ts_paged_decode(qkv.narrow(1, 0, q_size).view({T, num_heads, D}), caches[l], block_tables,
                                       seq_lens, scale);
-    delta = linear_vnni(a.view({T, q_size}), w[2], c10::nullopt, chunk(1), 0, 0);
+    delta = linear(a.view({T, q_size}), w[2], c10::nullopt, chunk(1));
     h = rms_norm(x, delta, w[3], eps);
-    delta = linear_vnni(silu_mul(linear_vnni(h, w[4], c10::nullopt, chunk(2), 0, 0)), w[5], c10::nullopt, chunk(3), 0,
-                        0);
+    delta = linear(silu_mul(linear(h, w[4], c10::nullopt, chunk(2))), w[5], c10::nullopt, chunk(3));
   }
   return *delta;
 }
@@ -279,5 +285,10 @@ void register_fused_ops(pybind11::module& m) {
   m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache",
         release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", release());
-  m.def("decode_layers", &decode_layers, "all decoder layers of a bf16 decode step in one call", release());
+  m.def("decode_layers", &decode_layers, "all decoder layers of a bf16 decode step in one call (amx: the projections "
+        "on AMX tiles)", pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("qkv_bias"),
+        pybind11::arg("k_chunks"), pybind11::arg("caches"), pybind11::arg("cos"), pybind11::arg("sin"),
+        pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("seq_lens"), pybind11::arg("scale"),
+        pybind11::arg("eps"), pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"), pybind11::arg("amx") = false,
+        release());
 }

@@ -28,6 +28,10 @@ def available() -> bool:
 class CpuAttentionBackend(TorchAttentionBackend):
     native_decode = True
     """Whether a decode-only step may run every layer in one native call (``decode_layers``, this backend's kernel)."""
+    sdpa_prefill = False
+    """Prefill chunks through torch's SDPA per sequence (as the reference backend) instead of the native kernel. Set
+    on CPUs with AMX: there torch's flash attention sums on oneDNN's AMX tiles, in orders the native prefill kernel
+    (written after its AVX-512 orders) does not follow, and SDPA itself is fast on AMX; decode stays native."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, block_size)
@@ -57,7 +61,9 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if nd:
             parts.append(self.ops.paged_decode(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
                                                self.scale))
-        if nd < num_tokens:
+        if nd < num_tokens and self.sdpa_prefill:
+            parts = [p.reshape(p.shape[0], -1) for p in parts] + self._sdpa_prefills(q, kv_cache, meta)
+        elif nd < num_tokens:
             seq_lens = meta.prefill_seq_lens_t
             if seq_lens is None:
                 seq_lens = torch.tensor(meta.prefill_seq_lens, dtype=torch.long)
@@ -66,6 +72,45 @@ class CpuAttentionBackend(TorchAttentionBackend):
                                                 meta.prefill_ref_lens_t))
         o = parts[0] if len(parts) == 1 else torch.cat(parts)
         return o.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _kv(self, kv_cache: torch.Tensor, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's K and V gathered from the paged cache: [1, Hkv, length, D] each."""
+        k = self._gather(kv_cache[0], table)[:, 0, :length]
+        v = self._gather(kv_cache[1], table)[:, 0, :length]
+        return k.unsqueeze(0), v.unsqueeze(0)
+
+    def _sdpa(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        """rows [n, H, D] against one sequence's K/V through torch's SDPA -> [n, H * D]."""
+        o = F.scaled_dot_product_attention(rows.transpose(0, 1).unsqueeze(0), k, v, scale=self.scale,
+                                           enable_gqa=self.num_kv_heads != self.num_heads, **kw)
+        return o[0].transpose(0, 1).reshape(rows.shape[0], self.num_heads * self.head_dim)
+
+    def _sdpa_prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> list[torch.Tensor]:
+        """Each prefill chunk as transformers computes it: SDPA with ``is_causal`` over its whole prompt. A chunk of a
+        longer prompt (``prefill_ref_lens_t``) runs that same call, its rows in place among zero queries and the keys
+        past its end zero (causal: never read by its rows), so its rows sum exactly as in the whole call - the
+        kernel's blocking depends on the call's lengths. Without a reference length (a recomputed sequence, a prefix-
+        cache hit) a later chunk runs with a bottom-right causal mask instead."""
+        nd = meta.num_decode_tokens
+        outs: list[torch.Tensor] = []
+        starts = meta.prefill_query_start.tolist()
+        refs = meta.prefill_ref_lens_t.tolist() if meta.prefill_ref_lens_t is not None else meta.prefill_seq_lens
+        for j, (qlen, slen, ref) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens, refs)):
+            rows = q[nd + starts[j]: nd + starts[j] + qlen]
+            k, v = self._kv(kv_cache, meta.prefill_block_tables[j:j + 1], slen)
+            if qlen == slen == ref:
+                outs.append(self._sdpa(rows, k, v, is_causal=True))
+            elif ref > slen or (ref == slen and qlen < slen):
+                first = slen - qlen
+                full = rows.new_zeros((ref,) + tuple(rows.shape[1:]))
+                full[first:slen] = rows
+                pad = (0, 0, 0, ref - slen)
+                o = self._sdpa(full, F.pad(k, pad), F.pad(v, pad), is_causal=True)
+                outs.append(o[first:slen])
+            else:  # bottom-right causal: row i sees keys up to slen - qlen + i
+                mask = torch.arange(slen)[None, :] <= (slen - qlen + torch.arange(qlen))[:, None]
+                outs.append(self._sdpa(rows, k, v, attn_mask=mask))
+        return outs
 
 
 class ReferenceAttentionBackend(CpuAttentionBackend):
@@ -81,30 +126,10 @@ class ReferenceAttentionBackend(CpuAttentionBackend):
     native_decode = False
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
-
-        def kv(table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-            k = self._gather(kv_cache[0], table)[:, 0, :length]  # [Hkv, L, D]
-            v = self._gather(kv_cache[1], table)[:, 0, :length]
-            return k.unsqueeze(0), v.unsqueeze(0)
-
-        def sdpa(rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
-            o = F.scaled_dot_product_attention(rows.transpose(0, 1).unsqueeze(0), k, v, scale=self.scale,
-                                               enable_gqa=hkv != h, **kw)
-            return o[0].transpose(0, 1).reshape(rows.shape[0], h * d)
-
         for i in range(nd):
             length = int(meta.decode_seq_lens[i])
-            outs.append(sdpa(q[i:i + 1], *kv(meta.decode_block_tables[i:i + 1], length)))
-        starts = meta.prefill_query_start.tolist()
-        for j, (qlen, slen) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens)):
-            rows = q[nd + starts[j]: nd + starts[j] + qlen]
-            k, v = kv(meta.prefill_block_tables[j:j + 1], slen)
-            if qlen == slen:
-                outs.append(sdpa(rows, k, v, is_causal=True))
-            else:  # bottom-right causal: row i sees keys up to slen - qlen + i
-                mask = torch.arange(slen)[None, :] <= (slen - qlen + torch.arange(qlen))[:, None]
-                outs.append(sdpa(rows, k, v, attn_mask=mask))
+            outs.append(self._sdpa(q[i:i + 1], *self._kv(kv_cache, meta.decode_block_tables[i:i + 1], length)))
+        outs += self._sdpa_prefills(q, kv_cache, meta)
         return outs[0] if len(outs) == 1 else torch.cat(outs)

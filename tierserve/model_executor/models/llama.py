@@ -88,6 +88,9 @@ class LlamaForCausalLM(nn.Module):
     fused_decode: bool = True
     """With ``vnni``, a decode-only step runs every layer in one native call (``decode_layers``: the same kernels in
     the same order, without a Python round trip per op)."""
+    amx_chunks: Any = None
+    """On CPUs with AMX (a ``tierserve.kernels.linear_order.AmxKChunks``): every projection runs ``linear_amx`` on the
+    ``vnni`` copies (the same layout is the AMX weight tile), K summed in the chunks oneDNN uses for that row count."""
     packed: dict[int, torch.Tensor] | None = None
     """oneDNN-packed copies of the projection weights (id(weight) -> packed), made by ``pack_weights`` (AMX CPUs)."""
 
@@ -178,7 +181,7 @@ class LlamaForCausalLM(nn.Module):
         weights.append(self.embed if self.lm_head is None else self.lm_head)
         return weights
 
-    def pack_vnni_weights(self, ops: ModuleType) -> int:
+    def pack_vnni_weights(self, ops: ModuleType, measure_chunks: bool = True) -> int:
         """Keep ``linear_vnni`` copies of the bf16 projection and head weights, in one huge-page arena in step order,
         and measure the K blocking of torch's linear for each shape (``vnni_k_chunks``). Returns the bytes held."""
         from tierserve.kernels.linear_order import torch_k_chunks
@@ -191,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
         head = weights[-1]
         by_shape: dict[tuple[int, int, bool], tuple[int, int]] = {}
         self.vnni_k_chunks = {}
-        for w in weights:
+        for w in weights if measure_chunks else []:
             key = (w.shape[0], w.shape[1], w is head)  # the head only ever runs rows that are one row in transformers
             if key not in by_shape:
                 by_shape[key] = torch_k_chunks(ops, key[0], key[1], rows=() if w is head else (2, 64))
@@ -245,8 +248,40 @@ class LlamaForCausalLM(nn.Module):
         pointwise = torch.ops.mkldnn._linear_pointwise if packed else None
         chunks = self.vnni_k_chunks or {}
 
+        amx = self.amx_chunks if vnni is not None else None
+        # rows of the step as transformers would compute them: (first row, rows, rows of that call) - decode tokens
+        # one at a time, each prefill chunk inside its whole prompt
+        nd = meta.num_decode_tokens
+        segments = [(0, nd, 1)] if nd else []
+        if amx is not None and meta.prefill_query_lens:
+            refs = (meta.prefill_ref_lens_t.tolist() if meta.prefill_ref_lens_t is not None
+                    else meta.prefill_seq_lens)
+            start = nd
+            for qlen, ref in zip(meta.prefill_query_lens, refs):
+                segments.append((start, qlen, ref))
+                start += qlen
+
+        def linear_amx(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, one_row_rows: int) -> torch.Tensor:
+            wp = vnni[id(w)]
+            n, k = wp.shape[0] * 16, wp.shape[1] * 2
+            if one_row_rows >= h.shape[0]:
+                return ops.linear_amx(h, wp, b, 0)
+            # consecutive segments with the same K chunk share a call
+            calls: list[tuple[int, int, int]] = []
+            for first, rows, ref in segments:
+                c = amx(n, k, ref)
+                if calls and calls[-1][2] == c:
+                    calls[-1] = (calls[-1][0], calls[-1][1] + rows, c)
+                else:
+                    calls.append((first, rows, c))
+            if len(calls) == 1:
+                return ops.linear_amx(h, wp, b, calls[0][2])
+            return torch.cat([ops.linear_amx(h[f:f + r], wp, b, c) for f, r, c in calls])
+
         def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                    one_row_rows: int = meta.num_decode_tokens) -> torch.Tensor:
+            if amx is not None:
+                return linear_amx(h, w, b, one_row_rows)
             if vnni is not None:
                 one, several = chunks.get(id(w), (0, 0))
                 return ops.linear_vnni(h, vnni[id(w)], b, several, one_row_rows, one)
@@ -263,7 +298,7 @@ class LlamaForCausalLM(nn.Module):
             weights, biases, k_chunks = self._decode_weights()
             delta = ops.decode_layers(x, weights, biases, k_chunks, kv_caches, cos, sin, meta.slot_mapping,
                                       meta.decode_block_tables, meta.decode_seq_lens, attn.scale, self.cfg.rms_norm_eps,
-                                      self.cfg.num_heads, self.cfg.num_kv_heads)
+                                      self.cfg.num_heads, self.cfg.num_kv_heads, amx is not None)
         else:
             for layer, cache in zip(self._layers(), kv_caches):
                 h = ops.rms_norm(x, delta, layer.input_norm, layer.eps)  # x += delta first

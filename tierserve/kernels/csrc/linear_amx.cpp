@@ -1,0 +1,181 @@
+// bf16 linear layers on Intel AMX tiles, from the same packed weights as linear_vnni: its layout
+// [N / 16, K / 2, 16, 2] is exactly an AMX B tile per 16 outputs and 32 input features (16 rows of 16 pairs, 64 bytes
+// each), so no second copy of the weights is needed.
+//
+// Each output is one tile accumulator over K in order, 32 features per TDPBF16PS - the order oneDNN's AMX kernels
+// sum in for up to 32 rows on the Xeons measured, so decode rows come out as torch's bf16 linear gives them (checked
+// bit for bit in tests/kernels/test_fused_ops.py where the CPU has AMX). Against oneDNN it skips the per-call weight
+// reorder of F.linear and the small-M overheads: at one row it streams the weights once, like linear_vnni, and at 16
+// rows it does the same at AMX's rate instead of 16 AVX-512 dot products per weight vector.
+//
+// Rows are padded to a multiple of 16 (the A tile); K must be a multiple of 32 (callers fall back otherwise).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "vec.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(TS_AVX512_BF16)
+#define TS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+#ifdef TS_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the AMX tile state only on request (once per process).
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+// Tiles 0-3: C[mi][nj] (rows x 16 fp32); 4, 5: A for row blocks 0, 1 (rows x 32 bf16); 6, 7: B for output blocks
+// 0, 1 (16 x 16 pairs). `rows` < 16 only for a single short block (a small decode batch: the tile unit then does
+// that many rows' work, not 16).
+void configure_tiles(int rows) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = t < 6 ? rows : 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// MB row blocks (of 16) x NB output blocks (of 16); x rows at stride xs elements (>= K), wp the first output block's
+// packed weights (block stride bs elements); the fp32 sums land in c [32][32].
+template <int MB, int NB>
+inline void amx_block(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t bs, int64_t s0, int64_t s1,
+                      float* c) {
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (MB > 1) _tile_zero(2);
+  if constexpr (MB > 1 && NB > 1) _tile_zero(3);
+  for (int64_t s = s0; s < s1; ++s) {
+    _tile_loadd(4, x + s * 32, xs * 2);
+    if constexpr (MB > 1) _tile_loadd(5, x + 16 * xs + s * 32, xs * 2);
+    _tile_loadd(6, wp + s * 16 * 2 * kLanes, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (MB > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NB > 1) {
+      _tile_loadd(7, wp + bs + s * 16 * 2 * kLanes, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (MB > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 32 * 4);
+  if constexpr (NB > 1) _tile_stored(1, c + 16, 32 * 4);
+  if constexpr (MB > 1) _tile_stored(2, c + 16 * 32, 32 * 4);
+  if constexpr (MB > 1 && NB > 1) _tile_stored(3, c + 16 * 32 + 16, 32 * 4);
+}
+#endif
+
+}  // namespace
+
+bool amx_available() {
+#ifdef TS_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// y [M, N] = x [M, K] @ w^T (+ bias) on AMX tiles, w packed by pack_vnni; bf16 in and out, fp32 accumulation, each
+// output summed over K in order, 32 features at a time; with k_chunk (a multiple of 32; 0: none) K is summed in
+// chunks of that many features, each from zero, the chunk sums then added in order (a GEMM library's K blocking).
+torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                         int64_t k_chunk) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_amx: x must be [M, K] bf16");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == kLanes && wp.size(3) == 2 && wp.is_contiguous() &&
+                  wp.scalar_type() == at::kBFloat16,
+              "linear_amx: weight must come from pack_vnni");
+  const int64_t M = x.size(0), K = x.size(1), KP = wp.size(1), NBLK = wp.size(0), N = NBLK * kLanes;
+  TORCH_CHECK(K == 2 * KP && K % 32 == 0, "linear_amx: K must match the packed weight and be a multiple of 32");
+  TORCH_CHECK(k_chunk >= 0 && k_chunk % 32 == 0, "linear_amx: k_chunk must be a multiple of 32 (0: none)");
+#ifndef TS_AMX
+  TORCH_CHECK(false, "linear_amx: this build has no AMX (compiled for a CPU without AMX tiles)");
+  return {};
+#else
+  TORCH_CHECK(amx_permitted(), "linear_amx: the kernel refused the AMX tile state (arch_prctl)");
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  // rows padded to whole 16-row tiles with zeros (fewer than 16: one short tile)
+  const int tile_rows = static_cast<int>(std::min<int64_t>(M, 16));
+  const int64_t Mp = M < 16 ? M : (M + 15) / 16 * 16;
+  torch::Tensor xc = x.contiguous();
+  if (Mp != M) xc = torch::constant_pad_nd(xc, {0, 0, 0, Mp - M});
+  torch::Tensor bf;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "linear_amx: bias must have ", N, " elements");
+    bf = bias->to(at::kFloat).contiguous();
+    bp = bf.data_ptr<float>();
+  }
+  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+  const at::BFloat16* w = wp.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t bs = KP * 2 * kLanes, ksteps = K / 32, kc = k_chunk ? std::min(k_chunk / 32, ksteps) : ksteps;
+  const int64_t pairs = (NBLK + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t pb, int64_t pe) {
+    configure_tiles(tile_rows);
+    alignas(64) float c[32 * 32];
+    alignas(64) float part[32 * 32];
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, NBLK - b0);
+      const at::BFloat16* wb = w + b0 * bs;
+      for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+        const int64_t mb = Mp - m0 > 16 ? 2 : 1;
+        const at::BFloat16* xb = xp + m0 * K;
+        const int64_t rows = std::min<int64_t>(32, M - m0);
+        for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
+          const int64_t s1 = std::min(ksteps, s0 + kc);
+          float* dst = s0 ? part : c;
+          if (mb == 2 && nb == 2) amx_block<2, 2>(xb, K, wb, bs, s0, s1, dst);
+          else if (mb == 2) amx_block<2, 1>(xb, K, wb, bs, s0, s1, dst);
+          else if (nb == 2) amx_block<1, 2>(xb, K, wb, bs, s0, s1, dst);
+          else amx_block<1, 1>(xb, K, wb, bs, s0, s1, dst);
+          if (s0)
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
+                _mm512_store_ps(c + r * 32 + j, _mm512_add_ps(_mm512_load_ps(c + r * 32 + j),
+                                                              _mm512_load_ps(part + r * 32 + j)));
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < nb; ++j) {
+            __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
+            if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + (b0 + j) * kLanes));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * N + (b0 + j) * kLanes),
+                                tierserve_vec::to_bf16(v));
+          }
+      }
+    }
+    _tile_release();
+  });
+  return y;
+#endif
+}
+
+void register_linear_amx(pybind11::module& m) {
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("amx_available", &amx_available, "whether this build has AMX kernels and the OS granted the tile state");
+  m.def("linear_amx", &linear_amx,
+        "x @ w.T (+ bias) on AMX tiles from a pack_vnni weight, bf16; K (a multiple of 32) summed in order",
+        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("k_chunk") = 0, release());
+}
