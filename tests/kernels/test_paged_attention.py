@@ -190,8 +190,9 @@ def test_sdpa_prefill_chunks_sum_like_the_whole_prompt(ctx: int, chunk: int) -> 
 
     def meta(a: int, b: int, ref_len: int | None) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=torch.arange(a, b), num_decode_tokens=0, decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
-            decode_seq_lens=torch.zeros(0, dtype=torch.long), prefill_query_lens=[b - a], prefill_seq_lens=[b],
+            slot_mapping=torch.arange(a, b), num_decode_tokens=0,
+            decode_block_tables=torch.zeros(0, 1, dtype=torch.long), decode_seq_lens=torch.zeros(0, dtype=torch.long),
+            prefill_query_lens=[b - a], prefill_seq_lens=[b],
             prefill_block_tables=table, prefill_query_start=torch.tensor([0, b - a]),
             prefill_ref_lens_t=None if ref_len is None else torch.tensor([ref_len]))
 

@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 AMX_VNNI_MAX_ROWS = 32
-"""On CPUs with AMX, steps up to this many rows use the native linear, larger ones oneDNN's AMX GEMM (a guess from
-the peak ratio, ~6x on those Xeons; not measured here: no AMX machine was available)."""
+"""On an AMX CPU whose kernel build lacks linear_amx: steps up to this many rows use linear_vnni, larger ones oneDNN's
+AMX GEMM (a fallback; with linear_amx every step runs on the tiles, see docs/architecture.md)."""
 
 
 def _ref_len(s: ScheduledRequest) -> int:

@@ -262,6 +262,7 @@ class LlamaForCausalLM(nn.Module):
                 start += qlen
 
         def linear_amx(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, one_row_rows: int) -> torch.Tensor:
+            assert vnni is not None and amx is not None
             wp = vnni[id(w)]
             n, k = wp.shape[0] * 16, wp.shape[1] * 2
             if one_row_rows >= h.shape[0]:
