@@ -165,6 +165,27 @@ void rope_and_cache(torch::Tensor qkv, const torch::Tensor& cos, const torch::Te
         const T_* s = snp + t * D;
         for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
           T_* x = r + h * D;
+#ifdef TS_AVX512_BF16
+          if constexpr (std::is_same_v<T_, at::BFloat16>) {
+            if (half % 16 == 0) {  // the same roundings, 16 lanes at a time (both halves read before either is written)
+              auto rv = [](__m512 v) { return bf16x16_to_f32(to_bf16(v)); };
+              auto* xb = reinterpret_cast<at::BFloat16*>(x);
+              const auto* cb = reinterpret_cast<const at::BFloat16*>(c);
+              const auto* sb = reinterpret_cast<const at::BFloat16*>(s);
+              const __m512 neg = _mm512_set1_ps(-0.f);
+              for (int64_t i = 0; i < half; i += 16) {
+                const __m512 x0 = load16_bf16(xb + i), x1 = load16_bf16(xb + half + i);
+                const __m512 o0 = _mm512_add_ps(rv(_mm512_mul_ps(x0, load16_bf16(cb + i))),
+                                                rv(_mm512_mul_ps(_mm512_xor_ps(x1, neg), load16_bf16(sb + i))));
+                const __m512 o1 = _mm512_add_ps(rv(_mm512_mul_ps(x1, load16_bf16(cb + half + i))),
+                                                rv(_mm512_mul_ps(x0, load16_bf16(sb + half + i))));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + i), to_bf16(o0));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb + half + i), to_bf16(o1));
+              }
+              continue;
+            }
+          }
+#endif
           for (int64_t i = 0; i < D; ++i) {
             const float rot = i < half ? -f32(x[i + half]) : f32(x[i - half]);
             tmp[i] = rnd<T_>(rnd<T_>(f32(x[i]) * f32(c[i])) + rnd<T_>(rot * f32(s[i])));

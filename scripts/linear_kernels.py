@@ -1,0 +1,66 @@
+"""Time the bf16 linear kernels side by side on the default model's projection shapes (a diagnostic, not a benchmark
+of the engine): torch's F.linear, oneDNN with a prepacked weight, linear_vnni (AVX-512-BF16) and, where the CPU has
+AMX, linear_amx - the median of --reps calls each, in one process, with the threads the engine would use.
+
+    .venv/bin/python scripts/linear_kernels.py [--rows 1,16,64,512] [--reps 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tierserve.kernels import cpu_ops
+from tierserve.utils.cpu import cpu_info
+
+SHAPES = {"qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
+
+
+def median_us(fn: Callable[[], object], reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,16,64,512", help="comma-separated row counts (default: 1,16,64,512)")
+    ap.add_argument("--reps", type=int, default=50, help="timed calls per kernel and shape (default: 50)")
+    args = ap.parse_args()
+    ops = cpu_ops()
+    if ops is None or not getattr(ops, "has_avx512_bf16", False):
+        raise SystemExit("needs the native kernels built for a CPU with AVX-512-BF16")
+    info = cpu_info()
+    amx = bool(ops.amx_available())
+    print(f"{info.model_name}, {torch.get_num_threads()} threads, AMX tiles: {amx}; median us per call")
+    kernels = ["F.linear", "oneDNN packed", "linear_vnni"] + (["linear_amx"] if amx else [])
+    print(f"{'shape':>16} {'rows':>5} " + " ".join(f"{k:>14}" for k in kernels))
+    gen = torch.Generator().manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        w = (torch.randn(n, k, generator=gen) * 0.05).bfloat16()
+        wp = ops.pack_vnni(w)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, k, generator=gen).bfloat16()
+            fns: list[Callable[[], object]] = [
+                lambda x=x, w=w: F.linear(x, w),
+                lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                lambda x=x, wp=wp: ops.linear_vnni(x, wp, None, 0, 0, 0),
+            ]
+            if amx:
+                fns.append(lambda x=x, wp=wp: ops.linear_amx(x, wp, None, 0))
+            cells = " ".join(f"{median_us(fn, args.reps):>14.0f}" for fn in fns)
+            print(f"{name + f' {n}x{k}':>16} {rows:>5} {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
