@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -52,12 +53,12 @@ def main() -> None:
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k, generator=gen).bfloat16()
             fns: list[Callable[[], object]] = [
-                lambda x=x, w=w: F.linear(x, w),
-                lambda x=x, packed=packed: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                lambda x=x, wp=wp: ops.linear_vnni(x, wp, None, 0, 0, 0),
+                partial(F.linear, x, w),
+                partial(torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""),
+                partial(ops.linear_vnni, x, wp, None, 0, 0, 0),
             ]
             if amx:
-                fns.append(lambda x=x, wp=wp: ops.linear_amx(x, wp, None, 0))
+                fns.append(partial(ops.linear_amx, x, wp, None, 0))
             cells = " ".join(f"{median_us(fn, args.reps):>14.0f}" for fn in fns)
             print(f"{name + f' {n}x{k}':>16} {rows:>5} {cells}", flush=True)
 
