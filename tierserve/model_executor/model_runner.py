@@ -98,14 +98,14 @@ class ModelRunner:
 
                     self.model.amx_chunks = AmxKChunks(ops)
                     logger.info("projections on AMX tiles (linear_amx)")
-                if cpu_info().has_amx and isinstance(self.attn, CpuAttentionBackend):
-                    # torch's flash attention sums on AMX tiles here: prefill through it, decode stays native
-                    self.attn.sdpa_prefill = True
                 elif cpu_info().has_amx:
                     # AMX without the native tile kernel: oneDNN's tiles beat AVX-512 dot products on large GEMMs
                     self.model.vnni_max_rows = AMX_VNNI_MAX_ROWS
                     extra = self.model.pack_weights()
                     logger.info("packed %.0f MiB of bf16 weights for oneDNN (AMX) GEMMs", extra / 2**20)
+                if cpu_info().has_amx and isinstance(self.attn, CpuAttentionBackend):
+                    # torch's flash attention sums on AMX tiles here: prefill through it, decode stays native
+                    self.attn.sdpa_prefill = True
                 if self.model.vnni_max_rows is None:
                     freed = self.model.drop_plain_projections()
                     logger.info("released the %.0f MiB of unpacked projection weights", freed / 2**20)

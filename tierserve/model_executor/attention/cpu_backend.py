@@ -100,7 +100,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             k, v = self._kv(kv_cache, meta.prefill_block_tables[j:j + 1], slen)
             if qlen == slen == ref:
                 outs.append(self._sdpa(rows, k, v, is_causal=True))
-            elif ref > slen or (ref == slen and qlen < slen):
+            elif ref >= slen:  # a chunk of a prompt whose whole length is known
                 first = slen - qlen
                 full = rows.new_zeros((ref,) + tuple(rows.shape[1:]))
                 full[first:slen] = rows
