@@ -157,6 +157,38 @@ def test_bf16_is_bit_identical_to_torch_sdpa(kind: str, ctx: int) -> None:
 
 
 @needs_bf16
+def test_decode_order_is_measured_and_exact() -> None:
+    """Decode attention (one query row per sequence: transformers' every decode step) gets its summation order from
+    the BLAS kernel MKL picks for a one-row block, which differs by CPU ("gemv4" on the AMD EPYC Zen 4, "ymm8" on a
+    Xeon with AMX); the engine measures it at load with probes built to tell the orders apart. Under the measured
+    order, decode equals SDPA bit for bit on random data at every context length here (short splits, one and
+    several kv splits, a partial last block)."""
+    from tierserve.kernels import cpu_ops
+    from tierserve.kernels.attention_order import ORDERS, torch_decode_order
+
+    ops = cpu_ops()
+    assert ops is not None
+    order = torch_decode_order(ops, 64)
+    if _has_amx:
+        assert order == 1, order  # measured: torch 2.13's MKL on a Xeon with AMX
+    if order is None:
+        pytest.skip("neither native decode order reproduces torch's SDPA on this CPU (the AVX-512 tests above "
+                    "cover the EPYC's)")
+    before = ops.decode_order()
+    ops.set_decode_order(order)
+    try:
+        for ctx in (1, 3, 5, 11, 12, 40, 193, 333, 513, 700, 1100):
+            q, k, v, cache, table = _sdpa_case("decode", ctx, seed=ctx)
+            d = q.shape[-1]
+            ours = ops.paged_decode(q, cache, table, torch.tensor([ctx]), d**-0.5)
+            assert torch.equal(ours, _sdpa(q, k, v, causal=False)), (ORDERS[order], ctx)
+    finally:
+        ops.set_decode_order(before)
+    with pytest.raises(RuntimeError, match="0 \\(gemv4\\) or 1"):
+        ops.set_decode_order(2)
+
+
+@needs_bf16
 @avx512_orders
 @pytest.mark.parametrize("ctx,chunk", [(333, 100), (1100, 600), (200, 199)])
 def test_bf16_chunked_prefill_sums_like_the_whole_prompt(ctx: int, chunk: int) -> None:

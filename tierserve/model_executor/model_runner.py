@@ -103,6 +103,10 @@ class ModelRunner:
                     self.model.vnni_max_rows = AMX_VNNI_MAX_ROWS
                     extra = self.model.pack_weights()
                     logger.info("packed %.0f MiB of bf16 weights for oneDNN (AMX) GEMMs", extra / 2**20)
+                # decode attention in the order this CPU's BLAS gives torch's SDPA for one-row blocks (measured)
+                from tierserve.kernels.attention_order import use_torch_decode_order
+
+                use_torch_decode_order(ops, model_config.head_dim)
                 if cpu_info().has_amx and isinstance(self.attn, CpuAttentionBackend):
                     # torch's flash attention sums on AMX tiles here: prefill through it, decode stays native
                     self.attn.sdpa_prefill = True

@@ -35,6 +35,11 @@ namespace {
 using tierserve_vec::f32;
 
 
+// The summation order of torch's bf16 BLAS for one-row query blocks (decode), which MKL picks by CPU: 0 "gemv4"
+// (measured on an AMD EPYC Zen 4), 1 "ymm8" (a Xeon with AMX). Set once per process from Python
+// (set_decode_order), after a probe against SDPA (tierserve.kernels.attention_order).
+int g_decode_order = 0;
+
 // Keys per softmax split: torch's CPU flash attention's kv split size.
 constexpr int64_t KV_SPLIT = 512;
 
@@ -229,7 +234,8 @@ inline int chunks_of(int64_t w, int64_t* bounds) {  // bounds[0..n] (n <= 3 for 
 
 // acc[r] (pv_index layout) += p.V in gemm order over keys [c0, c1) of one chunk, for NR rows: the chunk's sum from
 // zero (key pairs j, j + 1 with key j in the high word, so j is added first), then added to acc.
-template <int NR, int DH, typename V>
+// LaterFirst: key j + 1 in the high word instead (added first; the ymm8 order's chunks of 8 keys).
+template <int NR, int DH, typename V, bool LaterFirst = false>
 inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow, int64_t c0, int64_t c1, float* acc) {
   constexpr int64_t d = 32 * DH;
   __m512 z[NR][2 * DH];
@@ -243,12 +249,14 @@ inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow
     for (int h = 0; h < DH; ++h) {
       const __m512i a = _mm512_loadu_si512(v0 + 32 * h);
       const __m512i b = pair ? _mm512_loadu_si512(v1 + 32 * h) : _mm512_setzero_si512();
-      lo[h] = _mm512_unpacklo_epi16(b, a);  // low word key j + 1, high word key j
-      hi[h] = _mm512_unpackhi_epi16(b, a);
+      // low word key j + 1, high word key j (LaterFirst: the other way round)
+      lo[h] = LaterFirst ? _mm512_unpacklo_epi16(a, b) : _mm512_unpacklo_epi16(b, a);
+      hi[h] = LaterFirst ? _mm512_unpackhi_epi16(a, b) : _mm512_unpackhi_epi16(b, a);
     }
     for (int r = 0; r < NR; ++r) {
       const uint32_t pj = p[r * p_stride + j], pj1 = pair ? p[r * p_stride + j + 1] : 0u;
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>((pj << 16) | pj1));
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(LaterFirst ? (pj1 << 16) | pj
+                                                                                   : (pj << 16) | pj1));
       for (int h = 0; h < DH; ++h) {
         z[r][2 * h] = _mm512_dpbf16_ps(z[r][2 * h], pp, (__m512bh)lo[h]);
         z[r][2 * h + 1] = _mm512_dpbf16_ps(z[r][2 * h + 1], pp, (__m512bh)hi[h]);
@@ -324,6 +332,52 @@ inline void values_gemv_split(const uint16_t* p, int64_t p_stride, const V& vrow
     for (int c = 0; c < 2 * DH; ++c) _mm512_storeu_ps(acc + r * d + 16 * c, a[r][c]);
 }
 
+// The "ymm8" order for one-row query blocks (measured with torch 2.13's MKL on a Xeon with AMX, Sapphire Rapids
+// family; tests/kernels probe it against SDPA): each score is summed in 8 lanes of pairs (VDPBF16PS on 256 bits,
+// the high word of a pair first) with two accumulators taking alternate 16-feature steps, the two added lane by lane
+// and the 8 lanes reduced as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)); p.V sums each 8 keys of a split as a
+// chain from zero (key pairs, the later key first) and adds that to the output. A 512-bit dot product over the
+// features in order holds both accumulators: lanes 0-7 the first, 8-15 the second.
+//
+// The tree reduction of 16 such vectors (A[j]: key j), in registers -> the 16 scores in key order.
+inline __m512 reduce16_ymm8(const __m512* A) {
+  __m512 b[8], c[4], f[2];
+  for (int m = 0; m < 8; ++m)  // lane i + lane i + 8: [key 2m: 8 sums, key 2m + 1: 8 sums]
+    b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(A[2 * m], A[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(A[2 * m], A[2 * m + 1], 0xEE));
+  for (int m = 0; m < 4; ++m)  // adjacent pairs (l0 + l1), (l2 + l3), ...
+    c[m] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * m], b[2 * m + 1], 0x88),
+                         _mm512_shuffle_ps(b[2 * m], b[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)  // (l0 + l1) + (l2 + l3) and (l4 + l5) + (l6 + l7)
+    f[m] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0x88),
+                         _mm512_shuffle_ps(c[2 * m], c[2 * m + 1], 0xDD));
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_f32x4(f[0], f[1], 0x88), _mm512_shuffle_f32x4(f[0], f[1], 0xDD));
+  // s holds keys 0 2 4 6 1 3 5 7 8 10 12 14 9 11 13 15
+  const __m512i idx = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+  return _mm512_permutexvar_ps(idx, s);
+}
+
+// ymm8-order scores of nrows rows (row r at q + r * q_stride) against n <= 16 consecutive keys.
+template <int DH>
+inline void scores_ymm8(const at::BFloat16* q, int64_t q_stride, int64_t nrows, const at::BFloat16* k, int n,
+                        float scale, float* out, int64_t out_stride) {
+  constexpr int64_t d = 32 * DH;
+  const __mmask16 keep = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < nrows; ++r) {
+    __m512i qv[DH];
+    for (int h = 0; h < DH; ++h) qv[h] = _mm512_loadu_si512(q + r * q_stride + 32 * h);
+    __m512 A[16];
+    for (int j = 0; j < 16; ++j) {
+      A[j] = _mm512_setzero_ps();
+      if (j < n)
+        for (int h = 0; h < DH; ++h)
+          A[j] = _mm512_dpbf16_ps(A[j], (__m512bh)qv[h], (__m512bh)_mm512_loadu_si512(k + j * d + 32 * h));
+    }
+    _mm512_mask_storeu_ps(out + r * out_stride, keep, _mm512_mul_ps(reduce16_ymm8(A), sc));
+  }
+}
+
 // Rows [0, nr) in groups of up to 4 (their accumulators stay in registers).
 template <typename F>
 inline void by_rows(int64_t nr, F&& f) {
@@ -376,6 +430,9 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     }
   }
   gemv_from = std::clamp<int64_t>(gemv_from, 0, nq);
+  // the ymm8 order (g_decode_order 1) where every row is a one-row block (decode); rows of one item are a GQA group
+  // of one token, contiguous (qs.row(r) = q + r * d)
+  const bool ymm8 = fast && g_decode_order == 1 && gemv_from == 0 && gemv_block == 1 && nq <= qs.group;
 #ifdef TS_AVX512_BF16
   // the query rows laid out for the two score kernels
   static thread_local std::vector<__m512i> qprep;  // gemv rows: 4 * d / 32 vectors each
@@ -418,6 +475,19 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
 #ifdef TS_AVX512_BF16
       if (fast) {
         const auto* kbb = reinterpret_cast<const at::BFloat16*>(kb);
+        if (ymm8) {  // decode rows, every split width alike
+          for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            const int m = static_cast<int>(std::min<int64_t>(16, n - j0));
+            const auto* q0 = reinterpret_cast<const at::BFloat16*>(qs.row(r0));
+            float* o = sc + r0 * ctx + t0 + j0;
+            if (d == 64) {
+              scores_ymm8<2>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
+            } else {
+              scores_ymm8<4>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
+            }
+          }
+          continue;
+        }
         // the kv split's width decides the order for short splits
         const int64_t w = std::min(KV_SPLIT, kv_total - t0 / KV_SPLIT * KV_SPLIT);
         const int64_t gv0 = w <= 11 ? r0 : std::max(r0, gemv_from);  // rows [gv0, nq): gemv order
@@ -560,6 +630,24 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     if (fast) {
       if constexpr (fast_type) {
         auto vrow = [&](int64_t t) { return reinterpret_cast<const at::BFloat16*>(vs.block(t) + (t % bs) * d); };
+        if (ymm8) {  // chunks of 8 keys from the split's start, each summed from zero and added
+          const int64_t r1 = first_row(n0);
+          for (int64_t c0 = n0; c0 < nend; c0 += 8) {
+            const int64_t c1 = std::min(c0 + 8, nend);
+            auto run = [&](auto nr, int64_t r) {
+              constexpr int NR = decltype(nr)::value;
+              const uint16_t* pr = pb + (r1 + r) * ctx_even;
+              if (d == 64) {
+                values_gemm_chunk<NR, 2, decltype(vrow), true>(pr, ctx_even, vrow, c0, c1, acc + (r1 + r) * d);
+              } else {
+                values_gemm_chunk<NR, 4, decltype(vrow), true>(pr, ctx_even, vrow, c0, c1, acc + (r1 + r) * d);
+              }
+            };
+            by_rows(nq - r1, run);
+          }
+          permuted = true;
+          continue;
+        }
         const int64_t gv_from = gemv_block == 1 ? gemv_from : nq;  // rows of 1-row blocks: groups of 4
         const int64_t r1 = first_row(n0), gm_end = std::max(r1, gv_from), gv0 = std::max(r1, gv_from);
         if (gm_end > r1) {  // gemm rows: chunk sums added to acc; keys no row of them sees have p = 0 (skipped)
@@ -774,6 +862,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("has_avx512_bf16") = false;
 #endif
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("set_decode_order", [](int64_t order) {
+    TORCH_CHECK(order == 0 || order == 1, "set_decode_order: 0 (gemv4) or 1 (ymm8)");
+    g_decode_order = static_cast<int>(order);
+  }, "The summation order of one-row (decode) attention in bf16: 0 gemv4, 1 ymm8 (see paged_attention.cpp)");
+  m.def("decode_order", []() { return g_decode_order; });
   m.def("paged_decode", &paged_decode, "Paged decode attention reading K/V in place (CPU)", release());
   m.def("paged_prefill", &paged_prefill, "Paged causal attention for prefill chunks, K/V read in place (CPU)",
         pybind11::arg("q"), pybind11::arg("cache"), pybind11::arg("block_tables"), pybind11::arg("query_start"),

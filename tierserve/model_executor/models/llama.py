@@ -108,6 +108,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
         self._decode_args: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
+        self._part_widths: dict[int, tuple[int, ...]] | None = None
 
     def _layers(self) -> list[LlamaLayer]:
         return [cast(LlamaLayer, m) for m in self.layers]
@@ -173,6 +174,16 @@ class LlamaForCausalLM(nn.Module):
 
         self._decode_args = None
         return move_to_arena(self.weights_in_step_order()).numel()
+
+    def _parts(self, w: torch.Tensor, n: int) -> tuple[int, ...]:
+        """The output widths of the separate linears a fused projection stands for (q, k, v; gate, up), as
+        transformers runs them; (n,) for the others."""
+        if self._part_widths is None:
+            self._part_widths = {}
+            for la in self._layers():
+                self._part_widths[id(la.qkv)] = (la.q_size, la.kv_size, la.kv_size)
+                self._part_widths[id(la.gate_up)] = (la.inter, la.inter)
+        return self._part_widths.get(id(w), (n,))
 
     def _projections(self) -> list[torch.Tensor]:
         """The weights that go through ``linear``: the layers' projections in step order, then the LM head."""
@@ -264,20 +275,33 @@ class LlamaForCausalLM(nn.Module):
         def linear_amx(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, one_row_rows: int) -> torch.Tensor:
             assert vnni is not None and amx is not None
             wp = vnni[id(w)]
-            n, k = wp.shape[0] * 16, wp.shape[1] * 2
+            k = wp.shape[1] * 2
             if one_row_rows >= h.shape[0]:
                 return ops.linear_amx(h, wp, b, 0)
-            # consecutive segments with the same K chunk share a call
-            calls: list[tuple[int, int, int]] = []
+            # transformers runs the fused projections as separate linears (q, k, v; gate, up), and oneDNN's K split
+            # depends on N: the chunks are per part; consecutive segments with the same chunks share a call
+            parts = self._parts(w, wp.shape[0] * 16)
+            calls: list[tuple[int, int, tuple[int, ...]]] = []
             for first, rows, ref in segments:
-                c = amx(n, k, ref)
+                c = tuple(amx(n, k, ref) for n in parts)
                 if calls and calls[-1][2] == c:
                     calls[-1] = (calls[-1][0], calls[-1][1] + rows, c)
                 else:
                     calls.append((first, rows, c))
+
+            def call(x: torch.Tensor, c: tuple[int, ...]) -> torch.Tensor:
+                if len(set(c)) == 1:
+                    return ops.linear_amx(x, wp, b, c[0])
+                outs, off = [], 0
+                for n, cn in zip(parts, c):
+                    outs.append(ops.linear_amx(x, wp[off // 16:(off + n) // 16], None if b is None else b[off:off + n],
+                                               cn))
+                    off += n
+                return torch.cat(outs, dim=1)
+
             if len(calls) == 1:
-                return ops.linear_amx(h, wp, b, calls[0][2])
-            return torch.cat([ops.linear_amx(h[f:f + r], wp, b, c) for f, r, c in calls])
+                return call(h, calls[0][2])
+            return torch.cat([call(h[f:f + r], c) for f, r, c in calls])
 
         def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                    one_row_rows: int = meta.num_decode_tokens) -> torch.Tensor:
