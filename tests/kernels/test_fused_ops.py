@@ -125,12 +125,13 @@ def test_linear_vnni_with_torchs_k_blocking_is_bit_identical(m: int, n: int, k: 
 
 
 @pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
-@pytest.mark.parametrize("m", [1, 3, 16, 32, 60, 200, 600])
-@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (3072, 576)])
+@pytest.mark.parametrize("m", [1, 3, 16, 32, 60, 200, 300, 600])
+@pytest.mark.parametrize("n,k", [(960, 576), (192, 576), (576, 1536), (3072, 576)])
 def test_linear_amx_is_bit_identical_to_torch(m: int, n: int, k: int) -> None:
     """On AMX, linear_amx from the linear_vnni packing equals torch's bf16 linear bit for bit: up to 32 rows with one
     chain over K (and each row as if alone, as transformers decodes), above that with the K chunks oneDNN picks for
-    the row count (AmxKChunks, measured on first use). The bias lands before the rounding to bf16, as in F.linear."""
+    the row count (AmxKChunks, measured on first use; K = 1536 at 300 rows: quarters added as a pairwise tree). The
+    bias lands before the rounding to bf16, as in F.linear."""
     from tierserve.kernels.linear_order import AmxKChunks
 
     chunks = AmxKChunks(ops)
@@ -139,13 +140,15 @@ def test_linear_amx_is_bit_identical_to_torch(m: int, n: int, k: int) -> None:
     wp = ops.pack_vnni(w)
     c = chunks(n, k, m)
     assert (c == 0) if m <= 32 else (c % 32 == 0)
-    assert torch.equal(ops.linear_amx(x, wp, None, c), F.linear(x, w))
+    assert torch.equal(ops.linear_amx(x, wp, None, c), F.linear(x, w)), c
     if m <= 32:
         assert torch.equal(ops.linear_amx(x, wp, None, 0), torch.cat([F.linear(x[i:i + 1], w) for i in range(m)]))
     b = torch.randn(n, generator=_g(2)).bfloat16()
     torch.testing.assert_close(ops.linear_amx(x, wp, b, c).float(), F.linear(x, w, b).float(), atol=1e-2, rtol=8e-3)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         ops.linear_amx(x, wp, None, 48)
+    with pytest.raises(RuntimeError, match="at most 8 K chunks"):
+        ops.linear_amx(x, wp, None, -32)
 
 
 def test_linear_vnni_k_chunk_arguments() -> None:

@@ -80,7 +80,8 @@ class AmxKChunks:
     """The K blocking of torch's bf16 linear on a CPU with AMX, where oneDNN's tile kernels sum each output over K in
     order, 32 features per tile step (what ``ops.linear_amx`` does with no chunk) - up to 32 rows; above that oneDNN
     splits K between threads for mid-sized M and adds the parts (measured with torch 2.13 on a 2-core Xeon: K = 576
-    in halves for 33 to a few hundred rows, K = 1536 in thirds or quarters by M, one chain again for large M). The
+    in halves for 33 to a few hundred rows, K = 1536 in thirds or quarters by M - at ~260-340 rows quarters added as
+    a pairwise tree, two threads' halves - one chain again for large M). The
     split follows oneDNN's own heuristics of M, N, K and the threads, so it is measured, per shape and row count, the
     first time that row count is asked for (a few ms; remembered), with the probe of ``torch_k_chunk`` against
     ``linear_amx``: prefill rows then sum as transformers' single call over the whole prompt does."""
@@ -91,9 +92,12 @@ class AmxKChunks:
         self._probes: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def candidates(self, k: int) -> list[int]:
-        """One chain first, then even splits of K (most likely), then every multiple of 32."""
+        """One chain first, then even splits of K (most likely), the same with the parts added as a pairwise tree
+        (negative: K split between threads, measured for K = 1536 in quarters at ~260-340 rows), then every multiple
+        of 32."""
         splits = [k // s for s in range(2, 9) if k % s == 0 and (k // s) % 32 == 0]
-        return [0] + splits + [c for c in range(32, k, 32) if c not in splits]
+        trees = [-c for c in splits if k // c >= 4]
+        return [0] + splits + trees + [c for c in range(32, k, 32) if c not in splits]
 
     def __call__(self, n: int, k: int, rows: int) -> int:
         """The k_chunk for ``linear_amx`` that gives torch's bits for an [rows, k] x [n, k] call (0: one chain; also

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "vec.h"
 
@@ -99,7 +100,9 @@ bool amx_available() {
 
 // y [M, N] = x [M, K] @ w^T (+ bias) on AMX tiles, w packed by pack_vnni; bf16 in and out, fp32 accumulation, each
 // output summed over K in order, 32 features at a time; with k_chunk (a multiple of 32; 0: none) K is summed in
-// chunks of that many features, each from zero, the chunk sums then added in order (a GEMM library's K blocking).
+// chunks of that many features, each from zero, the chunk sums then added in order (a GEMM library's K blocking);
+// a negative k_chunk: chunks of -k_chunk features whose sums are added as a pairwise tree, ((c0 + c1) + (c2 + c3))
+// (a K split between threads whose parts are reduced pairwise; at most 8 chunks).
 torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
                          int64_t k_chunk) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_amx: x must be [M, K] bf16");
@@ -108,7 +111,10 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
               "linear_amx: weight must come from pack_vnni");
   const int64_t M = x.size(0), K = x.size(1), KP = wp.size(1), NBLK = wp.size(0), N = NBLK * kLanes;
   TORCH_CHECK(K == 2 * KP && K % 32 == 0, "linear_amx: K must match the packed weight and be a multiple of 32");
-  TORCH_CHECK(k_chunk >= 0 && k_chunk % 32 == 0, "linear_amx: k_chunk must be a multiple of 32 (0: none)");
+  TORCH_CHECK(k_chunk % 32 == 0, "linear_amx: k_chunk must be a multiple of 32 (0: none)");
+  const bool tree = k_chunk < 0;
+  k_chunk = tree ? -k_chunk : k_chunk;
+  TORCH_CHECK(!tree || (K + k_chunk - 1) / k_chunk <= 8, "linear_amx: a pairwise tree of at most 8 K chunks");
 #ifndef TS_AMX
   TORCH_CHECK(false, "linear_amx: this build has no AMX (compiled for a CPU without AMX tiles)");
   return {};
@@ -137,6 +143,7 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
     configure_tiles(tile_rows);
     alignas(64) float c[32 * 32];
     alignas(64) float part[32 * 32];
+    std::vector<float> parts(tree ? 8 * 32 * 32 : 0);  // the tree's chunk sums
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, NBLK - b0);
       const at::BFloat16* wb = w + b0 * bs;
@@ -144,18 +151,31 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
         const int64_t mb = Mp - m0 > 16 ? 2 : 1;
         const at::BFloat16* xb = xp + m0 * K;
         const int64_t rows = std::min<int64_t>(32, M - m0);
+        int64_t nparts = 0;
         for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
           const int64_t s1 = std::min(ksteps, s0 + kc);
-          float* dst = s0 ? part : c;
+          float* dst = tree ? parts.data() + (nparts++) * 32 * 32 : (s0 ? part : c);
           if (mb == 2 && nb == 2) amx_block<2, 2>(xb, K, wb, bs, s0, s1, dst);
           else if (mb == 2) amx_block<2, 1>(xb, K, wb, bs, s0, s1, dst);
           else if (nb == 2) amx_block<1, 2>(xb, K, wb, bs, s0, s1, dst);
           else amx_block<1, 1>(xb, K, wb, bs, s0, s1, dst);
-          if (s0)
+          if (s0 && !tree)
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
                 _mm512_store_ps(c + r * 32 + j, _mm512_add_ps(_mm512_load_ps(c + r * 32 + j),
                                                               _mm512_load_ps(part + r * 32 + j)));
+        }
+        if (tree) {  // pairwise: parts[i] += parts[i + h] at strides 1, 2, 4 -> c
+          for (int64_t h = 1; h < nparts; h *= 2)
+            for (int64_t i = 0; i + h < nparts; i += 2 * h) {
+              float* a = parts.data() + i * 32 * 32;
+              const float* b = parts.data() + (i + h) * 32 * 32;
+              for (int64_t r = 0; r < rows; ++r)
+                for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
+                  _mm512_storeu_ps(a + r * 32 + j, _mm512_add_ps(_mm512_loadu_ps(a + r * 32 + j),
+                                                                 _mm512_loadu_ps(b + r * 32 + j)));
+            }
+          std::memcpy(c, parts.data(), sizeof(c));
         }
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < nb; ++j) {
