@@ -177,12 +177,14 @@ class LlamaForCausalLM(nn.Module):
 
     def _parts(self, w: torch.Tensor, n: int) -> tuple[int, ...]:
         """The output widths of the separate linears a fused projection stands for (q, k, v; gate, up), as
-        transformers runs them; (n,) for the others."""
+        transformers runs them; (n,) for the others, and where a part is not whole 16-output weight tiles (then the
+        fused split is used)."""
         if self._part_widths is None:
             self._part_widths = {}
             for la in self._layers():
-                self._part_widths[id(la.qkv)] = (la.q_size, la.kv_size, la.kv_size)
-                self._part_widths[id(la.gate_up)] = (la.inter, la.inter)
+                for fused, parts in ((la.qkv, (la.q_size, la.kv_size, la.kv_size)), (la.gate_up, (la.inter,) * 2)):
+                    if all(p % 16 == 0 for p in parts):
+                        self._part_widths[id(fused)] = parts
         return self._part_widths.get(id(w), (n,))
 
     def _projections(self) -> list[torch.Tensor]:
