@@ -20,10 +20,11 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from tierserve.kernels.linear_order import _BIG
+
 logger = logging.getLogger(__name__)
 
 ORDERS = {0: "gemv4", 1: "ymm8"}
-_BIG = 2.0**25
 
 
 def _probes(head_dim: int, length: int, n: int, on_values: bool, gen: torch.Generator) -> tuple[torch.Tensor, ...]:

@@ -274,6 +274,8 @@ class LlamaForCausalLM(nn.Module):
                 segments.append((start, qlen, ref))
                 start += qlen
 
+        plans: dict[tuple[tuple[int, ...], int], list[tuple[int, int, tuple[int, ...]]]] = {}
+
         def linear_amx(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, one_row_rows: int) -> torch.Tensor:
             assert vnni is not None and amx is not None
             wp = vnni[id(w)]
@@ -281,15 +283,19 @@ class LlamaForCausalLM(nn.Module):
             if one_row_rows >= h.shape[0]:
                 return ops.linear_amx(h, wp, b, 0)
             # transformers runs the fused projections as separate linears (q, k, v; gate, up), and oneDNN's K split
-            # depends on N: the chunks are per part; consecutive segments with the same chunks share a call
+            # depends on N: the chunks are per part; consecutive segments with the same chunks share a call. The plan
+            # depends only on the shape, so the layers share it within the step.
             parts = self._parts(w, wp.shape[0] * 16)
-            calls: list[tuple[int, int, tuple[int, ...]]] = []
-            for first, rows, ref in segments:
-                c = tuple(amx(n, k, ref) for n in parts)
-                if calls and calls[-1][2] == c:
-                    calls[-1] = (calls[-1][0], calls[-1][1] + rows, c)
-                else:
-                    calls.append((first, rows, c))
+            calls = plans.get((parts, k))
+            if calls is None:
+                calls = []
+                for first, rows, ref in segments:
+                    c = tuple(amx(n, k, ref) for n in parts)
+                    if calls and calls[-1][2] == c:
+                        calls[-1] = (calls[-1][0], calls[-1][1] + rows, c)
+                    else:
+                        calls.append((first, rows, c))
+                plans[(parts, k)] = calls
 
             def call(x: torch.Tensor, c: tuple[int, ...]) -> torch.Tensor:
                 if len(set(c)) == 1:
