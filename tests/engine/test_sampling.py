@@ -120,3 +120,23 @@ def test_abort_frees_blocks(llm_fp32: LLM) -> None:
     assert eng.abort("to-abort")
     assert eng.kv.pool.num_free_blocks == free_before and not eng.has_unfinished_requests()
     assert not eng.abort("to-abort")
+
+
+def test_greedy_argmax_keeps_argmax_semantics() -> None:
+    """The greedy path's faster row argmax (via ``max``) picks what ``argmax`` picks: the first of equal maxima, and
+    the first NaN where a row has one, over vocab-sized rows."""
+    import torch
+
+    from tierserve.model_executor.sampler import _argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(65, 49152, generator=g)
+    x[:, 1000] = 9.0
+    x[:, 30000] = 9.0  # a tie: the first wins
+    x[3, 77] = float("nan")
+    x[3, 5] = float("nan")  # NaNs: the first NaN wins
+    x[7] = -float("inf")  # a fully masked row
+    x[8, 49151] = 50.0  # the last column
+    got = _argmax(x)
+    assert torch.equal(got, x.argmax(dim=-1))
+    assert got[:3].tolist() == [1000] * 3 and got[3].item() == 5 and got[8].item() == 49151

@@ -340,7 +340,7 @@ inline void values_gemv_split(const uint16_t* p, int64_t p_stride, const V& vrow
 // features in order holds both accumulators: lanes 0-7 the first, 8-15 the second.
 //
 // The tree reduction of 16 such vectors (A[j]: key j), in registers -> the 16 scores in key order.
-inline __m512 reduce16_ymm8(const __m512* A) {
+__attribute__((always_inline)) inline __m512 reduce16_ymm8(const __m512* A) {
   __m512 b[8], c[4], f[2];
   for (int m = 0; m < 8; ++m)  // lane i + lane i + 8: [key 2m: 8 sums, key 2m + 1: 8 sums]
     b[m] = _mm512_add_ps(_mm512_shuffle_f32x4(A[2 * m], A[2 * m + 1], 0x44),
@@ -446,7 +446,7 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
       const uint32_t* src = reinterpret_cast<const uint32_t*>(qs.row(r));
       for (int64_t u = 0; u < dw; ++u) qdw[r * dw + u] = swap_words(src[u]);
     }
-    for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t r = 0; r < (ymm8 ? 0 : nq); ++r) {  // (the ymm8 scores read q as it is)
       __m512i* dst = qprep.data() + r * steps;
       if (d == 64) {
         gemv_prepare_q<2>(reinterpret_cast<const at::BFloat16*>(qs.row(r)), dst);
@@ -634,13 +634,17 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
           const int64_t r1 = first_row(n0);
           for (int64_t c0 = n0; c0 < nend; c0 += 8) {
             const int64_t c1 = std::min(c0 + 8, nend);
+            // a chunk lies inside one block (blocks are multiples of 16 keys, chunks start at multiples of 8): its
+            // values are consecutive rows, found without a division per key
+            const at::BFloat16* vc = vrow(c0);
+            auto vchunk = [vc, c0, d](int64_t t) { return vc + (t - c0) * d; };
             auto run = [&](auto nr, int64_t r) {
               constexpr int NR = decltype(nr)::value;
               const uint16_t* pr = pb + (r1 + r) * ctx_even;
               if (d == 64) {
-                values_gemm_chunk<NR, 2, decltype(vrow), true>(pr, ctx_even, vrow, c0, c1, acc + (r1 + r) * d);
+                values_gemm_chunk<NR, 2, decltype(vchunk), true>(pr, ctx_even, vchunk, c0, c1, acc + (r1 + r) * d);
               } else {
-                values_gemm_chunk<NR, 4, decltype(vrow), true>(pr, ctx_even, vrow, c0, c1, acc + (r1 + r) * d);
+                values_gemm_chunk<NR, 4, decltype(vchunk), true>(pr, ctx_even, vchunk, c0, c1, acc + (r1 + r) * d);
               }
             };
             by_rows(nq - r1, run);
