@@ -65,7 +65,7 @@ constexpr int64_t kWeightPrefetchSteps = 4;
 
 // MB row blocks (of 16) x NB output blocks (of 16); x rows at stride xs elements (>= K), wp the first output block's
 // packed weights (block stride bs elements); the fp32 sums land in c [32][32]. Stream: the weights pass once (a
-// decode-sized call, <= 64 rows), so the block prefetches its weight tiles a few K steps ahead - 0.79-0.96x the time
+// decode-sized call, <= 64 rows), so the block prefetches its weight tiles a few K steps ahead - 0.76-0.96x the time
 // of 30 layers' projections from DRAM at 1 and 16 rows, 0.92-1.01x at 64, bit-identical (ad hoc, interleaved builds);
 // at 256 and 2048 rows, where the weights come back from L2 for every row chunk, it cost 2-3% and is off.
 template <int MB, int NB, bool Stream>
