@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -175,17 +176,15 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
         for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
           const int64_t s1 = std::min(ksteps, s0 + kc);
           float* dst = tree ? parts.data() + (nparts++) * 32 * 32 : (s0 ? part : c);
-          if (stream) {
-            if (mb == 2 && nb == 2) amx_block<2, 2, true>(xb, K, wb, bs, s0, s1, dst);
-            else if (mb == 2) amx_block<2, 1, true>(xb, K, wb, bs, s0, s1, dst);
-            else if (nb == 2) amx_block<1, 2, true>(xb, K, wb, bs, s0, s1, dst);
-            else amx_block<1, 1, true>(xb, K, wb, bs, s0, s1, dst);
-          } else {
-            if (mb == 2 && nb == 2) amx_block<2, 2, false>(xb, K, wb, bs, s0, s1, dst);
-            else if (mb == 2) amx_block<2, 1, false>(xb, K, wb, bs, s0, s1, dst);
-            else if (nb == 2) amx_block<1, 2, false>(xb, K, wb, bs, s0, s1, dst);
-            else amx_block<1, 1, false>(xb, K, wb, bs, s0, s1, dst);
-          }
+          auto block = [&](auto streaming) {
+            constexpr bool S = decltype(streaming)::value;
+            if (mb == 2 && nb == 2) amx_block<2, 2, S>(xb, K, wb, bs, s0, s1, dst);
+            else if (mb == 2) amx_block<2, 1, S>(xb, K, wb, bs, s0, s1, dst);
+            else if (nb == 2) amx_block<1, 2, S>(xb, K, wb, bs, s0, s1, dst);
+            else amx_block<1, 1, S>(xb, K, wb, bs, s0, s1, dst);
+          };
+          if (stream) block(std::true_type{});
+          else block(std::false_type{});
           if (s0 && !tree)
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
