@@ -35,6 +35,20 @@ def test_host_buffer_gets_huge_pages_where_the_os_offers_them() -> None:
     del buf
 
 
+def test_populated_host_buffer_is_resident_before_first_use() -> None:
+    """The KV cache is allocated populated, so no step pays the first-touch page faults."""
+    if thp_mode() not in ("always", "madvise") or huge_page_bytes() < 0:
+        pytest.skip(f"transparent huge pages: {thp_mode()}")
+    before = huge_page_bytes()
+    lazy = host_buffer(16 * HUGE_PAGE)
+    assert huge_page_bytes() - before < 4 * HUGE_PAGE, "an untouched buffer was already resident"
+    before = huge_page_bytes()
+    eager = host_buffer(16 * HUGE_PAGE, populate=True)
+    assert huge_page_bytes() - before >= 8 * HUGE_PAGE, "populate=True left the pages unfaulted"
+    assert eager.count_nonzero().item() == 0 and eager.numel() == 16 * HUGE_PAGE
+    del lazy, eager
+
+
 def test_host_buffer_falls_back_to_ordinary_memory(monkeypatch: Any) -> None:
     monkeypatch.setattr(hugepages, "thp_mode", lambda: "never")
     buf = host_buffer(1000)

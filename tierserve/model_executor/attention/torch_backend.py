@@ -36,12 +36,12 @@ class TorchAttentionBackend:
         self, num_layers: int, num_blocks: int, dtype: torch.dtype, device: torch.device
     ) -> list[torch.Tensor]:
         shape = (2, self.num_kv_heads, num_blocks, self.block_size, self.head_dim)
-        if device.type == "cpu":  # one huge-page buffer (fewer TLB misses for attention's block reads)
+        if device.type == "cpu":  # one huge-page buffer (fewer TLB misses), faulted in now rather than mid-step
             from tierserve.utils.hugepages import host_buffer
 
             nbytes = num_layers * 2 * self.num_kv_heads * num_blocks * self.block_size * self.head_dim * \
                 torch.empty((), dtype=dtype).element_size()
-            return list(host_buffer(nbytes).view(dtype).view(num_layers, *shape).unbind(0))
+            return list(host_buffer(nbytes, populate=True).view(dtype).view(num_layers, *shape).unbind(0))
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
