@@ -50,11 +50,13 @@ class CpuAttentionBackend(TorchAttentionBackend):
         flat_v = kv_cache[1].view(self.num_kv_heads, -1, self.head_dim)
         flat_k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         flat_v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-        return self.attend(q, kv_cache, meta)
+        return self.attend(q, kv_cache, meta, (k, v))
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Attention for q [T, H, D] whose K/V are already in the cache (the fused RoPE + cache-write op put them
-        there) -> [T, H * D]."""
+        there) -> [T, H * D]. ``kv``: the step's own k and v [T, Hkv, D] (views are fine), which a chunk holding a
+        whole prompt reads instead of gathering them back from the cache."""
         num_tokens = q.shape[0]
         nd = meta.num_decode_tokens
         parts = []
@@ -62,7 +64,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
             parts.append(self.ops.paged_decode(q[:nd], kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
                                                self.scale))
         if nd < num_tokens and self.sdpa_prefill:
-            parts = [p.reshape(p.shape[0], -1) for p in parts] + self._sdpa_prefills(q, kv_cache, meta)
+            parts = [p.reshape(p.shape[0], -1) for p in parts] + self._sdpa_prefills(q, kv_cache, meta, kv)
         elif nd < num_tokens:
             seq_lens = meta.prefill_seq_lens_t
             if seq_lens is None:
@@ -85,18 +87,25 @@ class CpuAttentionBackend(TorchAttentionBackend):
                                            enable_gqa=self.num_kv_heads != self.num_heads, **kw)
         return o[0].transpose(0, 1).reshape(rows.shape[0], self.num_heads * self.head_dim)
 
-    def _sdpa_prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> list[torch.Tensor]:
+    def _sdpa_prefills(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                       kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Each prefill chunk as transformers computes it: SDPA with ``is_causal`` over its whole prompt. A chunk of a
         longer prompt (``prefill_ref_lens_t``) runs that same call, its rows in place among zero queries and the keys
         past its end zero (causal: never read by its rows), so its rows sum exactly as in the whole call - the
         kernel's blocking depends on the call's lengths. Without a reference length (a recomputed sequence, a prefix-
-        cache hit) a later chunk runs with a bottom-right causal mask instead."""
+        cache hit) a later chunk runs with a bottom-right causal mask instead. With ``kv`` a whole prompt takes its
+        K/V from the step's own rows (the same values; no gather copy out of the cache)."""
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
         starts = meta.prefill_query_start.tolist()
         refs = meta.prefill_ref_lens_t.tolist() if meta.prefill_ref_lens_t is not None else meta.prefill_seq_lens
         for j, (qlen, slen, ref) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens, refs)):
-            rows = q[nd + starts[j]: nd + starts[j] + qlen]
+            first_row = nd + starts[j]
+            rows = q[first_row: first_row + qlen]
+            if qlen == slen == ref and kv is not None:
+                k, v = (t[first_row: first_row + qlen].transpose(0, 1).unsqueeze(0) for t in kv)
+                outs.append(self._sdpa(rows, k, v, is_causal=True))
+                continue
             k, v = self._kv(kv_cache, meta.prefill_block_tables[j:j + 1], slen)
             if qlen == slen == ref:
                 outs.append(self._sdpa(rows, k, v, is_causal=True))
@@ -125,11 +134,12 @@ class ReferenceAttentionBackend(CpuAttentionBackend):
 
     native_decode = False
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         nd = meta.num_decode_tokens
         outs: list[torch.Tensor] = []
         for i in range(nd):
             length = int(meta.decode_seq_lens[i])
             outs.append(self._sdpa(q[i:i + 1], *self._kv(kv_cache, meta.decode_block_tables[i:i + 1], length)))
-        outs += self._sdpa_prefills(q, kv_cache, meta)
+        outs += self._sdpa_prefills(q, kv_cache, meta, kv)
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -338,7 +338,9 @@ class LlamaForCausalLM(nn.Module):
                 qkv = linear(h, layer.qkv, layer.qkv_bias)
                 ops.rope_and_cache(qkv, cos, sin, cache, meta.slot_mapping, layer.num_heads, layer.num_kv_heads)
                 q = qkv[:, : layer.q_size].view(t, layer.num_heads, layer.head_dim)
-                delta = linear(attn.attend(q, cache, meta), layer.o_proj)
+                k = qkv[:, layer.q_size: layer.q_size + layer.kv_size].view(t, layer.num_kv_heads, layer.head_dim)
+                v = qkv[:, layer.q_size + layer.kv_size:].view(t, layer.num_kv_heads, layer.head_dim)
+                delta = linear(attn.attend(q, cache, meta, (k, v)), layer.o_proj)
                 h = ops.rms_norm(x, delta, layer.post_norm, layer.eps)
                 delta = linear(ops.silu_mul(linear(h, layer.gate_up)), layer.down)
         assert delta is not None
