@@ -232,3 +232,19 @@ def test_sdpa_prefill_chunks_sum_like_the_whole_prompt(ctx: int, chunk: int) -> 
     assert torch.equal(torch.cat(parts), ref)
     masked = backend.attend(q[chunk:], cache, meta(chunk, ctx, None))
     torch.testing.assert_close(masked.float(), ref[chunk:].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("decodes,prefills", [([], [(40, 40)]), ([], [(256, 256)] * 3),
+                                              ([5, 64, 200], [(17, 17), (300, 44), (65, 1), (33, 33)])])
+def test_sdpa_prefill_reads_a_whole_prompts_kv_from_the_step_like_from_the_cache(
+        decodes: list[int], prefills: list[tuple[int, int]]) -> None:
+    """A whole-prompt chunk takes its K/V from the step's own rows (``attend(..., kv)``) instead of gathering them
+    out of the cache: the same values, so the same bits; other chunks of the step still read the cache."""
+    q, k, v, cache, meta = _case(torch.bfloat16, decodes, prefills)
+    backend = CpuAttentionBackend(H, HKV, q.shape[2], BS)
+    backend.sdpa_prefill = True
+    direct = backend.forward(q, k, v, cache, meta)  # writes k/v into the cache, then attends with them
+    gathered = backend.attend(q, cache, meta)
+    assert torch.equal(direct, gathered)
+    wrong = backend.attend(q, cache, meta, (torch.zeros_like(k), torch.zeros_like(v)))
+    assert not torch.equal(wrong, gathered), "the step's own k/v were not used"
