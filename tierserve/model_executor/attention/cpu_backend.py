@@ -102,11 +102,10 @@ class CpuAttentionBackend(TorchAttentionBackend):
         for j, (qlen, slen, ref) in enumerate(zip(meta.prefill_query_lens, meta.prefill_seq_lens, refs)):
             first_row = nd + starts[j]
             rows = q[first_row: first_row + qlen]
-            if qlen == slen == ref and kv is not None:
+            if qlen == slen == ref and kv is not None:  # the whole prompt is this step's rows
                 k, v = (t[first_row: first_row + qlen].transpose(0, 1).unsqueeze(0) for t in kv)
-                outs.append(self._sdpa(rows, k, v, is_causal=True))
-                continue
-            k, v = self._kv(kv_cache, meta.prefill_block_tables[j:j + 1], slen)
+            else:
+                k, v = self._kv(kv_cache, meta.prefill_block_tables[j:j + 1], slen)
             if qlen == slen == ref:
                 outs.append(self._sdpa(rows, k, v, is_causal=True))
             elif ref >= slen:  # a chunk of a prompt whose whole length is known
