@@ -9,10 +9,13 @@ and takes about half a minute the first time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -32,6 +35,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TIERSERVE_CACHE_DIR", Path.home() / ".cache" / "tierserve"))
 
 
+def build_dir() -> Path:
+    """Where this machine's build lives: one folder per source digest, torch version and CPU feature set."""
+    digest = hashlib.sha256()
+    for src in sorted(_CSRC.glob("*.[ch]*")):
+        digest.update(src.name.encode())
+        digest.update(src.read_bytes())
+    digest.update(torch.__version__.encode())
+    digest.update(" ".join(sorted(cpu_info().flags)).encode())
+    return cache_dir() / "kernels" / digest.hexdigest()[:16]
+
+
+@contextmanager
+def _build_guard(build: Path) -> Iterator[None]:
+    """Hold an ``flock`` on ``build/.tierserve-build`` while torch builds or loads the kernels.
+
+    torch marks a build in progress with a plain ``lock`` file and makes every later load wait until it is gone; a
+    build that was killed (Ctrl-C, a timeout) leaves it behind, and from then on every start hung without a word.
+    The flock is released by the OS when its holder dies, so once we hold it no live tierserve process is building
+    here and a ``lock`` file is stale: it is removed. (A live build in another process is waited for, as before.)
+    """
+    with open(build / ".tierserve-build", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by an interrupted kernel build", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
 def cpu_ops() -> ModuleType | None:
     """The compiled CPU kernels (built once per machine), or None where they cannot be built."""
     global _cpu_ops, _tried
@@ -43,27 +75,22 @@ def cpu_ops() -> ModuleType | None:
             logger.info("native kernels disabled by TIERSERVE_NO_NATIVE")
             return None
         sources = sorted(_CSRC.glob("*.cpp"))
-        digest = hashlib.sha256()
-        for src in sorted(_CSRC.glob("*.[ch]*")):
-            digest.update(src.name.encode())
-            digest.update(src.read_bytes())
-        digest.update(torch.__version__.encode())
-        digest.update(" ".join(sorted(cpu_info().flags)).encode())
-        tag = digest.hexdigest()[:16]
-        build = cache_dir() / "kernels" / tag
+        build = build_dir()
         build.mkdir(parents=True, exist_ok=True)
+        tag = build.name
         try:
             from torch.utils.cpp_extension import load
 
             logger.info("loading native CPU kernels (first use builds them, ~1 min) from %s", build)
-            _cpu_ops = load(
-                name=f"tierserve_cpu_{tag}",
-                sources=[str(s) for s in sources],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build),
-                verbose=False,
-            )
+            with _build_guard(build):
+                _cpu_ops = load(
+                    name=f"tierserve_cpu_{tag}",
+                    sources=[str(s) for s in sources],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp", "-DNDEBUG"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build),
+                    verbose=False,
+                )
         except Exception as exc:  # no compiler / ninja, or a build error: plain torch ops still work
             if os.environ.get("TIERSERVE_REQUIRE_NATIVE", "") not in ("", "0"):
                 raise RuntimeError(f"native CPU kernels failed to build in {build}") from exc
