@@ -235,11 +235,14 @@ def test_sdpa_prefill_chunks_sum_like_the_whole_prompt(ctx: int, chunk: int) -> 
 
 
 @pytest.mark.parametrize("decodes,prefills", [([], [(40, 40)]), ([], [(256, 256)] * 3),
-                                              ([5, 64, 200], [(17, 17), (300, 44), (65, 1), (33, 33)])])
+                                              ([5, 64, 200], [(17, 17), (300, 44), (65, 1), (33, 33)]),
+                                              ([9], [(40, 40)] * 2 + [(33, 33)] + [(40, 40)] * 3 + [(90, 40)])])
 def test_sdpa_prefill_reads_a_whole_prompts_kv_from_the_step_like_from_the_cache(
         decodes: list[int], prefills: list[tuple[int, int]]) -> None:
     """A whole-prompt chunk takes its K/V from the step's own rows (``attend(..., kv)``) instead of gathering them
-    out of the cache: the same values, so the same bits; other chunks of the step still read the cache."""
+    out of the cache, and consecutive whole prompts of one length go through SDPA as one batched call: the same
+    values and the same per-prompt blocking, so the same bits as one call per prompt from the cache; other chunks
+    of the step still read the cache."""
     q, k, v, cache, meta = _case(torch.bfloat16, decodes, prefills)
     backend = CpuAttentionBackend(H, HKV, q.shape[2], BS)
     backend.sdpa_prefill = True
