@@ -113,8 +113,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
                 n = 1
                 while j + n < len(items) and items[j + n] == (qlen, qlen, qlen):
                     n += 1
-                outs.append(self._sdpa_run(q[first_row: first_row + n * qlen], *(
-                    t[first_row: first_row + n * qlen] for t in kv), n))
+                span = slice(first_row, first_row + n * qlen)
+                outs.append(self._sdpa_run(q[span], kv[0][span], kv[1][span], n))
                 j += n
                 continue
             k, v = self._kv(kv_cache, meta.prefill_block_tables[j:j + 1], slen)
