@@ -151,6 +151,28 @@ def test_linear_amx_is_bit_identical_to_torch(m: int, n: int, k: int) -> None:
         ops.linear_amx(x, wp, None, -32)
 
 
+@pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 200, 600])
+@pytest.mark.parametrize("k_chunk", [0, 288, -192])
+def test_linear_amx_swiglu_epilogue_equals_silu_mul_of_the_projection(m: int, k_chunk: int) -> None:
+    """With the gate/up weight interleaved, linear_amx's SwiGLU epilogue gives silu(gate) * up bit for bit as
+    silu_mul over the plain projection does - and that is F.silu(gate) * up of transformers' separate linears."""
+    from tierserve.model_executor.models.llama import interleave_gate_up
+
+    inter, k = 320, 576
+    x = torch.randn(m, k, generator=_g()).bfloat16() * 3  # wide enough that silu meets large and negative inputs
+    w = (torch.randn(2 * inter, k, generator=_g(1)) * 0.05).bfloat16()
+    wp = ops.pack_vnni(w)
+    out = ops.linear_amx(x, interleave_gate_up(wp), None, k_chunk, True)
+    assert out.shape == (m, inter)
+    assert torch.equal(out, ops.silu_mul(ops.linear_amx(x, wp, None, k_chunk)))
+    if k_chunk == 0 and m <= 32:
+        ref = torch.cat([F.silu(F.linear(x[i:i + 1], w[:inter])) * F.linear(x[i:i + 1], w[inter:]) for i in range(m)])
+        assert torch.equal(out, ref)
+    with pytest.raises(RuntimeError, match="no bias"):
+        ops.linear_amx(x, wp, torch.zeros(2 * inter).bfloat16(), 0, True)
+
+
 def test_linear_vnni_k_chunk_arguments() -> None:
     """Chunked sums equal the portable reference order: chunks of K from zero, added in order."""
     x = torch.randn(5, 70, generator=_g()).bfloat16()

@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ts_silu.h"
 #include "vec.h"
 
 namespace {
@@ -224,13 +225,7 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
           for (; i + 16 <= I; i += 16) {
             const auto* gb = reinterpret_cast<const at::BFloat16*>(gr + i);
             const auto* ub = reinterpret_cast<const at::BFloat16*>(ur + i);
-            const __m512 gv = load16_bf16(gb);
-            // F.silu's vector path: x / (1 + exp(-x)) with torch's exp (Sleef, 1 ulp), inf for x < -88.7
-            const __m512 e = at::vec::Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), gv)).exp();
-            const __m512 sv = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-            const __m512 s_rounded = bf16x16_to_f32(to_bf16(sv));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + i),
-                                to_bf16(_mm512_mul_ps(s_rounded, load16_bf16(ub))));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + i), silu_mul16(load16_bf16(gb), load16_bf16(ub)));
           }
         }
 #endif
@@ -252,12 +247,13 @@ torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache
 torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
                           int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk);
 torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                         int64_t k_chunk);  // linear_amx.cpp
+                         int64_t k_chunk, bool swiglu);  // linear_amx.cpp
 
 // Every decoder layer of a decode-only bf16 step in one call: the same kernels, in the same order and with the same
 // rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a Python round trip (and a GIL hand-over)
 // for each of the ~9 ops of each layer. `weights` holds 6 tensors per layer (input_norm, qkv, o_proj, post_norm,
-// gate_up, down; the four projections packed by pack_vnni), `qkv_bias` one per layer or none, `k_chunks` the K chunk
+// gate_up, down; the four projections packed by pack_vnni - with amx, gate_up interleaved by interleave_gate_up),
+// `qkv_bias` one per layer or none, `k_chunks` the K chunk
 // of each projection (4 per layer, linear_vnni's k_chunk; empty: none). x (the residual stream) is updated in place;
 // returns the last layer's output delta (x + delta is the stream after the last layer).
 torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& weights,
@@ -284,7 +280,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     // the projections on AMX tiles where the caller asks (same packed weights, same K chunks)
     auto linear = [amx](const torch::Tensor& in, const torch::Tensor& wp, const c10::optional<torch::Tensor>& b,
                         int64_t k_chunk) {
-      return amx ? linear_amx(in, wp, b, k_chunk) : linear_vnni(in, wp, b, k_chunk, 0, 0);
+      return amx ? linear_amx(in, wp, b, k_chunk, false) : linear_vnni(in, wp, b, k_chunk, 0, 0);
     };
     torch::Tensor h = rms_norm(x, delta, w[0], eps);
     torch::Tensor qkv = linear(h, w[1], bias, chunk(0));
@@ -293,7 +289,11 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
                                       seq_lens, scale);
     delta = linear(a.view({T, q_size}), w[2], c10::nullopt, chunk(1));
     h = rms_norm(x, delta, w[3], eps);
-    delta = linear(silu_mul(linear(h, w[4], c10::nullopt, chunk(2))), w[5], c10::nullopt, chunk(3));
+    // on AMX the gate/up weight comes interleaved (gate and up block i side by side) and SiLU-and-multiply is the
+    // projection's epilogue
+    torch::Tensor act = amx ? linear_amx(h, w[4], c10::nullopt, chunk(2), true)
+                            : silu_mul(linear(h, w[4], c10::nullopt, chunk(2)));
+    delta = linear(act, w[5], c10::nullopt, chunk(3));
   }
   return *delta;
 }

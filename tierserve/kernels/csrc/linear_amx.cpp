@@ -9,6 +9,18 @@
 // rows it does the same at AMX's rate instead of 16 AVX-512 dot products per weight vector.
 //
 // Rows are padded to a multiple of 16 (the A tile); K must be a multiple of 32 (callers fall back otherwise).
+//
+// SwiGLU epilogue (`swiglu`): for a gate/up projection whose packed weight has gate block i and up block i side by
+// side (interleave_gate_up), an output pair is (gate, up) of the same 16 features, so the pair's epilogue writes
+// silu(gate) * up directly - rounded at the same points as transformers' bf16 F.silu(gate) * up (ts_silu.h) - and the
+// [M, 2I] gate/up activations are never stored and read back.
+
+// at::vec's exp (ts_silu.h) must be the AVX-512 one torch runs: the capability macros before any torch header.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
+#include <ATen/cpu/vec/vec.h>
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -19,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ts_silu.h"
 #include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(TS_AVX512_BF16)
@@ -117,7 +130,7 @@ bool amx_available() {
 // a negative k_chunk: chunks of -k_chunk features whose sums are added as a pairwise tree, ((c0 + c1) + (c2 + c3))
 // (a K split between threads whose parts are reduced pairwise; at most 8 chunks).
 torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                         int64_t k_chunk) {
+                         int64_t k_chunk, bool swiglu) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_amx: x must be [M, K] bf16");
   TORCH_CHECK(wp.dim() == 4 && wp.size(2) == kLanes && wp.size(3) == 2 && wp.is_contiguous() &&
                   wp.scalar_type() == at::kBFloat16,
@@ -133,7 +146,10 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
   return {};
 #else
   TORCH_CHECK(amx_permitted(), "linear_amx: the kernel refused the AMX tile state (arch_prctl)");
-  auto y = torch::empty({M, N}, x.options());
+  TORCH_CHECK(!swiglu || (NBLK % 2 == 0 && !(bias.has_value() && bias->defined())),
+              "linear_amx: swiglu needs whole (gate, up) block pairs and no bias");
+  const int64_t NO = swiglu ? N / 2 : N;  // output columns
+  auto y = torch::empty({M, NO}, x.options());
   if (M == 0) return y;
   // rows padded to whole 16-row tiles with zeros (fewer than 16: one short tile)
   const int tile_rows = static_cast<int>(std::min<int64_t>(M, 16));
@@ -203,6 +219,15 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
             }
           std::memcpy(c, parts.data(), sizeof(c));
         }
+        if (swiglu) {  // gate in c's first 16 columns, up in the next 16: each rounded to bf16 as its own linear
+          for (int64_t r = 0; r < rows; ++r) {
+            const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32)));
+            const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32 + 16)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * NO + p * kLanes),
+                                tierserve_vec::silu_mul16(g, u));
+          }
+          continue;
+        }
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < nb; ++j) {
             __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
@@ -222,6 +247,8 @@ void register_linear_amx(pybind11::module& m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("amx_available", &amx_available, "whether this build has AMX kernels and the OS granted the tile state");
   m.def("linear_amx", &linear_amx,
-        "x @ w.T (+ bias) on AMX tiles from a pack_vnni weight, bf16; K (a multiple of 32) summed in order",
-        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("k_chunk") = 0, release());
+        "x @ w.T (+ bias) on AMX tiles from a pack_vnni weight, bf16; K (a multiple of 32) summed in order; swiglu: "
+        "w is a gate/up weight with its blocks interleaved, and the result is silu(gate) * up [M, N / 2]",
+        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("k_chunk") = 0,
+        pybind11::arg("swiglu") = false, release());
 }

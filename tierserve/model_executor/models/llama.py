@@ -20,6 +20,13 @@ from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
 from tierserve.model_executor.models.rope import apply_rope, rope_cos_sin
 
 
+def interleave_gate_up(wp: torch.Tensor) -> torch.Tensor:
+    """A packed gate/up weight [2 * nb, K / 2, 16, 2] (gate blocks, then up blocks) with gate block i and up block i
+    side by side, so that each output pair of ``linear_amx`` is (gate, up) of the same 16 features."""
+    nb = wp.shape[0] // 2
+    return torch.stack([wp[:nb], wp[nb:]], dim=1).reshape(wp.shape).contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -91,6 +98,8 @@ class LlamaForCausalLM(nn.Module):
     amx_chunks: Any = None
     """On CPUs with AMX (a ``tierserve.kernels.linear_order.AmxKChunks``): every projection runs ``linear_amx`` on the
     ``vnni`` copies (the same layout is the AMX weight tile), K summed in the chunks oneDNN uses for that row count."""
+    swiglu: bool = False
+    """The ``vnni`` gate/up copies are interleaved for ``linear_amx``'s SwiGLU epilogue (``pack_vnni_weights``)."""
     packed: dict[int, torch.Tensor] | None = None
     """oneDNN-packed copies of the projection weights (id(weight) -> packed), made by ``pack_weights`` (AMX CPUs)."""
 
@@ -194,14 +203,19 @@ class LlamaForCausalLM(nn.Module):
         weights.append(self.embed if self.lm_head is None else self.lm_head)
         return weights
 
-    def pack_vnni_weights(self, ops: ModuleType, measure_chunks: bool = True) -> int:
+    def pack_vnni_weights(self, ops: ModuleType, measure_chunks: bool = True, swiglu: bool = False) -> int:
         """Keep ``linear_vnni`` copies of the bf16 projection and head weights, in one huge-page arena in step order,
-        and measure the K blocking of torch's linear for each shape (``vnni_k_chunks``). Returns the bytes held."""
+        and measure the K blocking of torch's linear for each shape (``vnni_k_chunks``). Returns the bytes held.
+        ``swiglu`` (the AMX path): the gate/up copies are laid out for ``linear_amx``'s SwiGLU epilogue instead (gate
+        and up block i side by side), and the model calls it for silu(gate) * up."""
         from tierserve.kernels.linear_order import torch_k_chunks
         from tierserve.utils.hugepages import move_to_arena
 
         weights = self._projections()
-        packed = [ops.pack_vnni(w.data) for w in weights]
+        gate_ups = {id(la.gate_up) for la in self._layers()} if swiglu else set()
+        packed = [interleave_gate_up(ops.pack_vnni(w.data)) if id(w) in gate_ups else ops.pack_vnni(w.data)
+                  for w in weights]
+        self.swiglu = swiglu
         arena = move_to_arena(packed)
         self.vnni = {id(w): p for w, p in zip(weights, packed)}
         head = weights[-1]
@@ -276,12 +290,13 @@ class LlamaForCausalLM(nn.Module):
 
         plans: dict[tuple[tuple[int, ...], int], list[tuple[int, int, tuple[int, ...]]]] = {}
 
-        def linear_amx(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, one_row_rows: int) -> torch.Tensor:
+        def linear_amx(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, one_row_rows: int,
+                       swiglu: bool = False) -> torch.Tensor:
             assert vnni is not None and amx is not None
             wp = vnni[id(w)]
             k = wp.shape[1] * 2
             if one_row_rows >= h.shape[0]:
-                return ops.linear_amx(h, wp, b, 0)
+                return ops.linear_amx(h, wp, b, 0, swiglu)
             # transformers runs the fused projections as separate linears (q, k, v; gate, up), and oneDNN's K split
             # depends on N: the chunks are per part; consecutive segments with the same chunks share a call. The plan
             # depends only on the shape, so the layers share it within the step.
@@ -299,7 +314,9 @@ class LlamaForCausalLM(nn.Module):
 
             def call(x: torch.Tensor, c: tuple[int, ...]) -> torch.Tensor:
                 if len(set(c)) == 1:
-                    return ops.linear_amx(x, wp, b, c[0])
+                    return ops.linear_amx(x, wp, b, c[0], swiglu)
+                if swiglu:  # gate and up have one shape, so one K split; an interleaved weight cannot be cut in parts
+                    raise RuntimeError(f"linear_amx: gate and up asked for different K chunks {c}")
                 outs, off = [], 0
                 for n, cn in zip(parts, c):
                     outs.append(ops.linear_amx(x, wp[off // 16:(off + n) // 16], None if b is None else b[off:off + n],
@@ -329,6 +346,7 @@ class LlamaForCausalLM(nn.Module):
                 and isinstance(attn, CpuAttentionBackend) and attn.native_decode):
             # a decode-only step: all layers in one native call (same kernels, same order)
             weights, biases, k_chunks = self._decode_weights()
+            assert amx is None or self.swiglu, "decode_layers on AMX takes the gate/up weights interleaved"
             delta = ops.decode_layers(x, weights, biases, k_chunks, kv_caches, cos, sin, meta.slot_mapping,
                                       meta.decode_block_tables, meta.decode_seq_lens, attn.scale, self.cfg.rms_norm_eps,
                                       self.cfg.num_heads, self.cfg.num_kv_heads, amx is not None)
@@ -342,7 +360,11 @@ class LlamaForCausalLM(nn.Module):
                 v = qkv[:, layer.q_size + layer.kv_size:].view(t, layer.num_kv_heads, layer.head_dim)
                 delta = linear(attn.attend(q, cache, meta, (k, v)), layer.o_proj)
                 h = ops.rms_norm(x, delta, layer.post_norm, layer.eps)
-                delta = linear(ops.silu_mul(linear(h, layer.gate_up)), layer.down)
+                if amx is not None and self.swiglu:  # silu(gate) * up as the gate/up projection's epilogue
+                    act = linear_amx(h, layer.gate_up, None, meta.num_decode_tokens, swiglu=True)
+                else:
+                    act = ops.silu_mul(linear(h, layer.gate_up))
+                delta = linear(act, layer.down)
         assert delta is not None
         x = (x.index_select(0, logits_indices) + delta.index_select(0, logits_indices))
         h = ops.rms_norm(x, None, self.norm, self.cfg.rms_norm_eps)
