@@ -16,7 +16,13 @@ second probe on random data then checks the whole result, bit for bit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
+import time
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -76,6 +82,43 @@ def torch_k_chunks(ops: ModuleType, n: int, k: int, rows: tuple[int, ...] = (2, 
     return (one or 0, many or 0)
 
 
+def _cpu_identity() -> str:
+    """CPU family, model and stepping (a VM may report every Xeon as "Intel(R) Xeon(R) Processor") and the cache
+    sizes as the OS reports them (oneDNN's blocking heuristics read them too)."""
+    ident = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                field = line.split(":", 1)[0].strip()
+                if field in ("cpu family", "model", "stepping"):
+                    ident.append(line.split(":", 1)[1].strip())
+                elif not line.strip():
+                    break
+    except OSError:
+        pass
+    folder = Path("/sys/devices/system/cpu/cpu0/cache")
+    sizes = ["/".join(ident)]
+    for idx in sorted(folder.glob("index*")):
+        try:
+            sizes.append(f"L{(idx / 'level').read_text().strip()}{(idx / 'type').read_text().strip()[0]}="
+                         f"{(idx / 'size').read_text().strip()}")
+        except OSError:
+            continue
+    return ",".join(sizes)
+
+
+def amx_chunks_cache_file(threads: int) -> Path:
+    """Where ``AmxKChunks`` keeps what it measured, for later processes on a machine like this one: one file per CPU
+    model, feature set, cache sizes, torch (and so oneDNN) version and thread count - everything oneDNN's choice of
+    K split depends on - under the kernels' cache folder."""
+    from tierserve.kernels import cache_dir
+    from tierserve.utils.cpu import cpu_info
+
+    info = cpu_info()
+    key = "|".join([info.model_name, _cpu_identity(), " ".join(sorted(info.flags)), torch.__version__, str(threads)])
+    return cache_dir() / "amx_k_chunks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
 class AmxKChunks:
     """The K blocking of torch's bf16 linear on a CPU with AMX, where oneDNN's tile kernels sum each output over K in
     order, 32 features per tile step (what ``ops.linear_amx`` does with no chunk) - up to 32 rows; above that oneDNN
@@ -83,14 +126,81 @@ class AmxKChunks:
     in halves for 33 to a few hundred rows, K = 1536 in thirds or quarters by M - at ~260-340 rows quarters added as
     a pairwise tree, two threads' halves - one chain again for large M). The
     split follows oneDNN's own heuristics of M, N, K and the threads, so it is measured, per shape and row count, the
-    first time that row count is asked for (a few ms; remembered), with the probe of ``torch_k_chunk`` against
-    ``linear_amx``: prefill rows then sum as transformers' single call over the whole prompt does."""
+    first time that row count is asked for (remembered), with the probe of ``torch_k_chunk`` against
+    ``linear_amx``: prefill rows then sum as transformers' single call over the whole prompt does.
 
-    def __init__(self, ops: ModuleType) -> None:
+    A probe runs on the engine step that first meets a prompt length, so it stalls that step's decodes too: ~80 ms
+    for the five shapes at ~1000 rows when the split was far down the candidate list. Two things keep it off most
+    steps: the split found for the nearest row count already measured is tried first (the split is a step function
+    of M, so it is usually right: one candidate instead of up to eight), and with ``cache_file`` what was measured is
+    kept on disk (``amx_chunks_cache_file``: keyed by everything the split depends on) and read back by the next
+    process, so a restarted server probes only lengths it has never met."""
+
+    def __init__(self, ops: ModuleType, cache_file: Path | None = None, nearest_first: bool = True) -> None:
         self.ops = ops
+        self.cache_file = cache_file
+        self.nearest_first = nearest_first
+        """False: candidates in the fixed order only (to measure what trying the nearest row count's first saves)."""
         self._chunks: dict[tuple[int, int, int], int] = {}
         self._probes: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._random: dict[int, torch.Tensor] = {}
+        self.probe_count = 0
+        """Row counts measured in this process (not read from the cache file)."""
+        self.probe_seconds = 0.0
+        """Time spent measuring them."""
+        self.candidates_tried = 0
+        """Candidate splits checked against torch over all probes (one each when the nearest row count's is right)."""
+        if cache_file is not None:
+            self._chunks.update(self._read(cache_file))
+
+    def __len__(self) -> int:
+        """(shape, row count) pairs above 32 rows whose splits are known, measured or read from the cache file."""
+        return sum(1 for key in self._chunks if key[2] > 32)
+
+    def _read(self, path: Path) -> dict[tuple[int, int, int], int]:
+        """The entries of a cache file whose values are splits this class could have found; {} if there is none or
+        it does not parse (logged: it is then rewritten on the next probe)."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the AMX K-split cache %s (%s)", path, exc)
+            return {}
+        out: dict[tuple[int, int, int], int] = {}
+        entries = raw.get("chunks", []) if isinstance(raw, dict) else []
+        if not isinstance(entries, list):
+            logger.warning("ignoring the AMX K-split cache %s (no list of chunks)", path)
+            return {}
+        for e in entries:
+            if (isinstance(e, list) and len(e) == 4 and all(isinstance(v, int) for v in e)
+                    and e[0] > 0 and e[1] > 0 and e[2] > 32 and (e[3] == 0 or e[3] in self.candidates(e[1]))):
+                out[(e[0], e[1], e[2])] = e[3]
+        if entries and len(out) < len(entries):
+            logger.warning("the AMX K-split cache %s had %d malformed entries (skipped)", path,
+                           len(entries) - len(out))
+        return out
+
+    def _write(self) -> None:
+        """Merge this process's measurements into the cache file (atomically: a temporary file renamed over it; a
+        concurrent writer can lose entries, never corrupt the file). A failure to write is logged, not raised."""
+        path = self.cache_file
+        if path is None:
+            return
+        merged = {**self._read(path), **{k: v for k, v in self._chunks.items() if k[2] > 32}}
+        body = {"what": "oneDNN's K split of a bf16 linear [rows, k] x [n, k] on this machine, for linear_amx; "
+                        "entries [n, k, rows, k_chunk] (tierserve.kernels.linear_order.AmxKChunks)",
+                "chunks": [[n, k, r, c] for (n, k, r), c in sorted(merged.items())]}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep it from other users of a shared cache folder
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning("could not write the AMX K-split cache %s (%s); measuring in memory only", path, exc)
+            self.cache_file = None
 
     def _random_rows(self, rows: int, k: int) -> torch.Tensor:
         """rows x k random bf16 probe rows: the first rows of one matrix per k, grown (doubled) as needed. Drawing
@@ -102,13 +212,25 @@ class AmxKChunks:
             self._random[k] = torch.randn(size, k, generator=torch.Generator().manual_seed(k)).bfloat16()
         return self._random[k][:rows]
 
-    def candidates(self, k: int) -> list[int]:
+    def candidates(self, k: int, first: int | None = None) -> list[int]:
         """One chain first, then even splits of K (most likely), the same with the parts added as a pairwise tree
         (negative: K split between threads, measured for K = 1536 in quarters at ~260-340 rows), then every multiple
-        of 32."""
+        of 32. ``first``: a split to try before all of them (the nearest measured row count's)."""
         splits = [k // s for s in range(2, 9) if k % s == 0 and (k // s) % 32 == 0]
         trees = [-c for c in splits if k // c >= 4]
-        return [0] + splits + trees + [c for c in range(32, k, 32) if c not in splits]
+        order = [0] + splits + trees + [c for c in range(32, k, 32) if c not in splits]
+        if first is not None and first in order:
+            order.remove(first)
+            order.insert(0, first)
+        return order
+
+    def _nearest(self, n: int, k: int, rows: int) -> int | None:
+        """The split measured for the row count closest to ``rows`` (above 32) for this shape, if any."""
+        best: tuple[int, int] | None = None
+        for (n1, k1, r1), c in self._chunks.items():
+            if n1 == n and k1 == k and r1 > 32 and (best is None or abs(r1 - rows) < best[0]):
+                best = (abs(r1 - rows), c)
+        return None if best is None else best[1]
 
     def __call__(self, n: int, k: int, rows: int) -> int:
         """The k_chunk for ``linear_amx`` that gives torch's bits for an [rows, k] x [n, k] call (0: one chain; also
@@ -119,20 +241,29 @@ class AmxKChunks:
         if rows <= 32:
             self._chunks[key] = 0
             return 0
+        t0 = time.perf_counter()
         if (n, k) not in self._probes:
             gen = torch.Generator().manual_seed(0)
             ws = [_probe_weight(n, k, gen), (torch.randn(n, k, generator=gen) * 0.05).bfloat16()]
             self._probes[(n, k)] = [(w, self.ops.pack_vnni(w)) for w in ws]
         xs = [torch.ones(rows, k, dtype=torch.bfloat16), self._random_rows(rows, k)]
         refs = [F.linear(x, w) for x, (w, _) in zip(xs, self._probes[(n, k)])]
+        # the structured probe's rows are all alike, so a candidate is checked on its first 32 (ruling most out
+        # cheaply); the one that passes is then checked on every random row
+        (_, wp0), (_, wp1) = self._probes[(n, k)]
+        few = xs[0][:32]
         found = 0
-        for c in self.candidates(k):
-            if all(torch.equal(self.ops.linear_amx(x, wp, None, c), ref)
-                   for x, (_, wp), ref in zip(xs, self._probes[(n, k)], refs)):
+        for c in self.candidates(k, self._nearest(n, k, rows) if self.nearest_first else None):
+            self.candidates_tried += 1
+            if (torch.equal(self.ops.linear_amx(few, wp0, None, c), refs[0][:32])
+                    and torch.equal(self.ops.linear_amx(xs[1], wp1, None, c), refs[1])):
                 found = c
                 break
         else:
             logger.info("linear_amx cannot reproduce torch's bf16 linear order for [%d, %d] x %d rows; one chain",
                         n, k, rows)
         self._chunks[key] = found
+        self.probe_count += 1
+        self.probe_seconds += time.perf_counter() - t0
+        self._write()
         return found

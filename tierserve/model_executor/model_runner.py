@@ -94,10 +94,12 @@ class ModelRunner:
                 logger.info("packed %.0f MiB of bf16 weights for the native AVX-512-BF16 / AMX linear", extra / 2**20)
                 if amx:
                     # the same packed weights are AMX weight tiles: every projection on the tile unit
-                    from tierserve.kernels.linear_order import AmxKChunks
+                    from tierserve.kernels.linear_order import AmxKChunks, amx_chunks_cache_file
 
-                    self.model.amx_chunks = AmxKChunks(ops)
-                    logger.info("projections on AMX tiles (linear_amx)")
+                    cache = amx_chunks_cache_file(torch.get_num_threads())
+                    self.model.amx_chunks = AmxKChunks(ops, cache)
+                    logger.info("projections on AMX tiles (linear_amx); %d of oneDNN's K splits (shape, row count) "
+                                "read from %s", len(self.model.amx_chunks), cache)
                 elif cpu_info().has_amx:
                     # AMX without the native tile kernel: oneDNN's tiles beat AVX-512 dot products on large GEMMs
                     self.model.vnni_max_rows = AMX_VNNI_MAX_ROWS
