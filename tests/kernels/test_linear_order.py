@@ -47,10 +47,14 @@ def test_unreadable_cache_file_is_ignored(tmp_path: Path, content: str) -> None:
     assert len(AmxKChunks(None, tmp_path / "missing.json")) == 0  # type: ignore[arg-type]
 
 
-def test_cache_file_is_keyed_by_threads() -> None:
-    """oneDNN splits K between threads: another thread count is another file (so is another CPU or torch)."""
+def test_cache_file_is_keyed_by_threads_and_onednn_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN splits K between threads: another thread count is another file (so is another CPU or torch), and so is
+    a oneDNN setting in the environment that can change its kernels (e.g. capping the ISA below AMX)."""
     assert amx_chunks_cache_file(2) != amx_chunks_cache_file(4)
     assert amx_chunks_cache_file(2) == amx_chunks_cache_file(2)
+    plain = amx_chunks_cache_file(2)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert amx_chunks_cache_file(2) != plain
 
 
 @needs_amx

@@ -109,13 +109,16 @@ def _cpu_identity() -> str:
 
 def amx_chunks_cache_file(threads: int) -> Path:
     """Where ``AmxKChunks`` keeps what it measured, for later processes on a machine like this one: one file per CPU
-    model, feature set, cache sizes, torch (and so oneDNN) version and thread count - everything oneDNN's choice of
-    K split depends on - under the kernels' cache folder."""
+    model, feature set, cache sizes, torch (and so oneDNN) version, oneDNN settings in the environment (e.g.
+    ``ONEDNN_MAX_CPU_ISA``) and thread count - everything oneDNN's choice of K split depends on - under the kernels'
+    cache folder."""
     from tierserve.kernels import cache_dir
     from tierserve.utils.cpu import cpu_info
 
     info = cpu_info()
-    key = "|".join([info.model_name, _cpu_identity(), " ".join(sorted(info.flags)), torch.__version__, str(threads)])
+    onednn_env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_")))
+    key = "|".join([info.model_name, _cpu_identity(), " ".join(sorted(info.flags)), " ".join(onednn_env),
+                    torch.__version__, str(threads)])
     return cache_dir() / "amx_k_chunks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
