@@ -140,3 +140,6 @@ def test_greedy_argmax_keeps_argmax_semantics() -> None:
     got = _argmax(x)
     assert torch.equal(got, x.argmax(dim=-1))
     assert got[:3].tolist() == [1000] * 3 and got[3].item() == 5 and got[8].item() == 49151
+    # the model's bf16 logits as they are (the plain greedy path): the same indices as on their float32 copy
+    xb = x.bfloat16()
+    assert torch.equal(_argmax(xb), xb.float().argmax(dim=-1))

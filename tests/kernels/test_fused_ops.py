@@ -201,3 +201,28 @@ def test_bad_shapes_raise() -> None:
         ops.linear_vnni(torch.zeros(2, 8).bfloat16(), wp, torch.zeros(3).bfloat16())
     with pytest.raises(RuntimeError, match="rms_norm"):
         ops.rms_norm(torch.zeros(2, 8), None, torch.zeros(9), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 4099, 49152])
+def test_argmax_rows_equals_torch_max_on_float32(dtype: torch.dtype, n: int) -> None:
+    """The greedy sampler's argmax read from the logits in their own dtype: the index torch's max(dim=-1) gives on
+    the float32 copy - the first of equal maxima, the first NaN where a row has one (in the vector part, in the tail,
+    a whole row of NaN), index 0 for a row of -inf - for row lengths with and without a tail past 16."""
+    x = torch.randn(37, n, generator=_g()).to(dtype)
+    x[3, n // 2] = float("nan")
+    x[4, :] = float("-inf")
+    x[5, :] = 1.0
+    if n > 3:
+        x[6, 1] = x[6, n - 1] = 1e4  # a tie between the first and the last vector
+        x[7, n - 2] = float("nan")  # a NaN in the tail only (n = 17, 4099)
+        x[9, n - 1] = 1e4  # the maximum in the last column
+    if n > 20:
+        x[7, 0] = float("nan")  # and an earlier one in the vector part: that one
+    x[8, :] = float("nan")
+    got = ops.argmax_rows(x)
+    assert got.dtype == torch.long
+    assert torch.equal(got, x.float().max(dim=-1).indices)
+    assert torch.equal(ops.argmax_rows(x[::2]), x[::2].float().max(dim=-1).indices)  # a non-contiguous view
+    with pytest.raises(RuntimeError, match="vocab > 0"):
+        ops.argmax_rows(torch.empty(2, 0, dtype=dtype))

@@ -98,3 +98,10 @@ def cpu_ops() -> ModuleType | None:
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _cpu_ops = None
         return _cpu_ops
+
+
+def loaded_cpu_ops() -> ModuleType | None:
+    """The compiled CPU kernels if this process already loaded them (``cpu_ops()``), else None - never builds (for
+    optional fast paths in code that must not trigger a first-use build, e.g. the sampler under the torch backend)."""
+    with _lock:
+        return _cpu_ops

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tierserve.kernels import loaded_cpu_ops
 from tierserve.request import Request
 
 
@@ -98,14 +99,34 @@ def _top_k_top_p_min_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tenso
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise argmax (the first of equal maxima; NaN counts as the maximum, as in ``argmax``) via ``max``, whose
-    CPU kernel ran ~2x faster than ``argmax``'s on [64, 49152] float32 logits (1.95 vs 3.74 ms, torch 2.13)."""
+    """Row-wise argmax (the first of equal maxima; NaN counts as the maximum, as in ``argmax``). On CPU with the
+    native kernels loaded, ``argmax_rows`` reads the logits in their own dtype at vector width (0.25 vs 2.7 ms for
+    [64, 49152] bf16 logits against torch's float copy + ``max``); elsewhere ``max``, whose CPU kernel ran ~2x faster
+    than ``argmax``'s (1.95 vs 3.74 ms on float32, torch 2.13). A bf16 -> float32 conversion is exact, so the index
+    is the same in either dtype."""
+    ops = loaded_cpu_ops() if logits.device.type == "cpu" else None
+    if ops is not None and hasattr(ops, "argmax_rows"):
+        return ops.argmax_rows(logits)
     return logits.max(dim=-1).indices
 
 
+def _plain_greedy(reqs: list[Request]) -> bool:
+    """Every row takes the argmax of the raw logits: greedy, no logprobs, no penalties, no min_tokens masking."""
+    for r in reqs:
+        sp = r.sampling_params
+        if (not sp.greedy or sp.logprobs is not None or sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0
+                or sp.frequency_penalty != 0.0 or r.num_output_tokens < sp.min_tokens):
+            return False
+    return True
+
+
 def sample(logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
-    """``logits`` float32 [len(reqs), vocab], row i for ``reqs[i]``."""
+    """``logits`` [len(reqs), vocab] in the model's compute dtype, row i for ``reqs[i]``. A batch of plain greedy
+    rows takes the argmax of the logits as they are; anything else works on a float32 copy."""
     n = logits.shape[0]
+    if _plain_greedy(reqs):
+        return SamplerOutput(_argmax(logits).tolist(), None, [None] * n)
+    logits = logits.float()
     want_lp = [r.sampling_params.logprobs for r in reqs]
     raw_logprobs = logits.log_softmax(dim=-1) if any(w is not None for w in want_lp) else None
     if any(

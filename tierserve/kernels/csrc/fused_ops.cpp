@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -240,6 +241,85 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Greedy sampling: the index of each row's maximum, as torch's max(dim=-1).indices on the float32 logits gives it -
+// the first of equal maxima, a NaN counting as the maximum (the first NaN) - read straight from the model's
+// bf16 (or float32) logits: torch's reduction took ~2.5 ms for [64, 49152] and the float copy before it ~0.7 ms, a
+// ~4% of a 64-sequence decode step; this reads the bf16 row once at vector width.
+template <typename T>
+int64_t argmax_row(const T* x, int64_t n) {
+  int64_t i = 0, best = 0;
+  float bv = -std::numeric_limits<float>::infinity();
+  bool seen = false;
+#ifdef TS_AVX512_BF16
+  if constexpr (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, float>) {
+    if (n >= 16) {
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512i vidx = _mm512_setzero_si512(), cur = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                                                       15);
+      const __m512i step = _mm512_set1_epi32(16);
+      __mmask16 nan = 0;
+      for (; i + 16 <= n; i += 16) {
+        __m512 v;
+        if constexpr (std::is_same_v<T, float>) {
+          v = _mm512_loadu_ps(x + i);
+        } else {
+          v = tierserve_vec::load16_bf16(x + i);
+        }
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strictly greater: each lane keeps its first
+        vmax = _mm512_mask_mov_ps(vmax, gt, v);
+        vidx = _mm512_mask_mov_epi32(vidx, gt, cur);
+        cur = _mm512_add_epi32(cur, step);
+      }
+      if (nan) {  // rare: find the first NaN the plain way
+        for (int64_t j = 0; j < n; ++j)
+          if (std::isnan(tierserve_vec::f32(x[j]))) return j;
+      }
+      alignas(64) float mv[16];
+      alignas(64) int32_t iv[16];
+      _mm512_store_ps(mv, vmax);
+      _mm512_store_si512(iv, vidx);
+      for (int l = 0; l < 16; ++l) {
+        // lanes hold the first maximum of their own positions (a lane that never rose above -inf holds index 0 and
+        // -inf: it only wins when the whole row is -inf, where index 0 is the right answer)
+        if (!seen || mv[l] > bv || (mv[l] == bv && iv[l] < best)) {
+          bv = mv[l];
+          best = iv[l];
+          seen = true;
+        }
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = tierserve_vec::f32(x[i]);
+    if (std::isnan(v)) return i;  // the vector part had none (it returned its first), nor had the tail before i
+    if (!seen || v > bv) {
+      bv = v;
+      best = i;
+      seen = true;
+    }
+  }
+  return best;
+}
+
+torch::Tensor argmax_rows(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0, "argmax_rows: logits [rows, vocab] with vocab > 0");
+  TORCH_CHECK(logits.device().is_cpu(), "argmax_rows: CPU tensors only");
+  const torch::Tensor x = logits.contiguous();
+  const int64_t m = x.size(0), n = x.size(1);
+  auto out = torch::empty({m}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "argmax_rows", [&] {
+    const scalar_t* p = x.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 1, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) o[r] = argmax_row<scalar_t>(p + r * n, n);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
@@ -306,6 +386,8 @@ void register_fused_ops(pybind11::module& m) {
   m.def("rope_and_cache", &rope_and_cache, "RoPE in place on fused qkv, then k/v written to the paged cache",
         release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection", release());
+  m.def("argmax_rows", &argmax_rows, "index of each row's maximum (first of equal maxima; a NaN counts as the "
+        "maximum), as torch's max(dim=-1).indices on float32 gives it", release());
   m.def("decode_layers", &decode_layers, "all decoder layers of a bf16 decode step in one call (amx: the projections "
         "on AMX tiles)", pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("qkv_bias"),
         pybind11::arg("k_chunks"), pybind11::arg("caches"), pybind11::arg("cos"), pybind11::arg("sin"),

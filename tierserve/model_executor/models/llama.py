@@ -141,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, attn, cache, meta)
         x = rms_norm(x.index_select(0, logits_indices), self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()
+        return F.linear(x, head)
 
     def _decode_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
         """Per layer (input_norm, qkv, o_proj, post_norm, gate_up, down; the projections as ``vnni`` copies), the
@@ -369,7 +369,7 @@ class LlamaForCausalLM(nn.Module):
         x = (x.index_select(0, logits_indices) + delta.index_select(0, logits_indices))
         h = ops.rms_norm(x, None, self.norm, self.cfg.rms_norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
-        return linear(h, head, one_row_rows=h.shape[0]).float()
+        return linear(h, head, one_row_rows=h.shape[0])
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy HF-named tensors in, fusing q/k/v and gate/up. Missing or misshapen tensors raise ModelLoadError."""
