@@ -21,30 +21,34 @@ needs_amx = pytest.mark.skipif(not (ops is not None and ops.amx_available()), re
 
 
 def _write(path: Path, entries: list[object]) -> None:
-    path.write_text(json.dumps({"chunks": entries}))
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
 
 
 def test_cache_file_entries_are_read_and_bad_ones_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Valid entries are used without probing (``ops`` is never called: None here); entries whose split no probe
     could have found (not a candidate for that K), at 32 rows or fewer, or of the wrong shape are skipped, logged."""
-    path = tmp_path / "c.json"
+    path = tmp_path / "c.jsonl"
     _write(path, [[576, 576, 200, 288], [576, 1536, 300, -384], [192, 576, 1000, 0],
-                  [576, 576, 201, 100], [576, 576, 16, 288], [576, 576, 300], "junk", [576, 576, 400, 1.5]])
+                  [576, 576, 201, 100], [576, 576, 16, 288], [576, 576, 300], "junk", [576, 576, 400, 1.5],
+                  [576, 576, 500, True]])
+    with path.open("a") as f:
+        f.write("{not json\n\n")  # a torn line (a killed writer), and a blank one (ignored)
     with caplog.at_level(logging.WARNING, logger="tierserve.kernels.linear_order"):
         chunks = AmxKChunks(None, path)  # type: ignore[arg-type]  # never probes: every asked entry is known
     assert len(chunks) == 3
     assert chunks(576, 576, 200) == 288 and chunks(576, 1536, 300) == -384 and chunks(192, 576, 1000) == 0
     assert chunks(576, 576, 16) == 0  # up to 32 rows: one chain, never from the file
     assert chunks.probe_count == 0
-    assert "5 malformed entries" in caplog.text
+    assert "7 malformed lines" in caplog.text
 
 
-@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"chunks": 7}'])
-def test_unreadable_cache_file_is_ignored(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "c.json"
-    path.write_text(content)
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b'{"chunks": 7}', b"\xff\xfe[1, 2, 3, 4]"])
+def test_unreadable_cache_file_is_ignored(tmp_path: Path, content: bytes) -> None:
+    """Nothing usable in the file (empty, not JSON, not an entry, not UTF-8) or no file: no entry, no error."""
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(content)
     assert len(AmxKChunks(None, path)) == 0  # type: ignore[arg-type]
-    assert len(AmxKChunks(None, tmp_path / "missing.json")) == 0  # type: ignore[arg-type]
+    assert len(AmxKChunks(None, tmp_path / "missing.jsonl")) == 0  # type: ignore[arg-type]
 
 
 def test_cache_file_is_keyed_by_threads_and_onednn_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,7 +66,7 @@ def test_nearest_first_finds_the_bits_and_the_cache_file_serves_a_new_process(tm
     """Row counts met in sequence (so each probe tries the nearest measured count's split first) give splits with
     which linear_amx equals F.linear bit for bit; they are written to the cache file, and a second instance
     (a restarted process) answers from it without a probe."""
-    path = tmp_path / "sub" / "chunks.json"
+    path = tmp_path / "sub" / "chunks.jsonl"
     first = AmxKChunks(ops, path)
     gen = torch.Generator().manual_seed(3)
     found = {}
@@ -76,8 +80,9 @@ def test_nearest_first_finds_the_bits_and_the_cache_file_serves_a_new_process(tm
             found[(n, k, rows)] = c
     assert first.probe_count == 12 and first.probe_seconds > 0
     assert first.candidates_tried >= 12
-    on_disk = {(n, k, r): c for n, k, r, c in json.loads(path.read_text())["chunks"]}
-    assert on_disk == found
+    lines = path.read_text().splitlines()
+    assert len(lines) == 12  # one line appended per probe
+    assert {(n, k, r): c for n, k, r, c in map(json.loads, lines)} == found
     second = AmxKChunks(ops, path)
     assert all(second(*key) == c for key, c in found.items())
     assert second.probe_count == 0
@@ -88,7 +93,7 @@ def test_unwritable_cache_file_still_measures(tmp_path: Path, caplog: pytest.Log
     """A cache folder that cannot be created (a file stands in its way) is logged once; probes go on in memory."""
     blocker = tmp_path / "blocker"
     blocker.write_text("")
-    chunks = AmxKChunks(ops, blocker / "chunks.json")
+    chunks = AmxKChunks(ops, blocker / "chunks.jsonl")
     with caplog.at_level(logging.WARNING, logger="tierserve.kernels.linear_order"):
         a, b = chunks(576, 576, 100), chunks(576, 576, 120)
     assert chunks.probe_count == 2 and chunks.cache_file is None

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -119,7 +118,7 @@ def amx_chunks_cache_file(threads: int) -> Path:
     onednn_env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_")))
     key = "|".join([info.model_name, _cpu_identity(), " ".join(sorted(info.flags)), " ".join(onednn_env),
                     torch.__version__, str(threads)])
-    return cache_dir() / "amx_k_chunks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    return cache_dir() / "amx_k_chunks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
 
 class AmxKChunks:
@@ -161,46 +160,41 @@ class AmxKChunks:
         return sum(1 for key in self._chunks if key[2] > 32)
 
     def _read(self, path: Path) -> dict[tuple[int, int, int], int]:
-        """The entries of a cache file whose values are splits this class could have found; {} if there is none or
-        it does not parse (logged: it is then rewritten on the next probe)."""
+        """The entries of a cache file - one JSON line ``[n, k, rows, k_chunk]`` per measurement - whose values are
+        splits this class could have found; lines that do not parse or hold anything else are skipped (logged)."""
         try:
-            raw = json.loads(path.read_text())
+            lines = path.read_text().splitlines()
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             logger.warning("ignoring the AMX K-split cache %s (%s)", path, exc)
             return {}
         out: dict[tuple[int, int, int], int] = {}
-        entries = raw.get("chunks", []) if isinstance(raw, dict) else []
-        if not isinstance(entries, list):
-            logger.warning("ignoring the AMX K-split cache %s (no list of chunks)", path)
-            return {}
-        for e in entries:
-            if (isinstance(e, list) and len(e) == 4 and all(isinstance(v, int) for v in e)
+        bad = 0
+        for line in lines:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                e = None
+            if (isinstance(e, list) and len(e) == 4 and all(type(v) is int for v in e)
                     and e[0] > 0 and e[1] > 0 and e[2] > 32 and (e[3] == 0 or e[3] in self.candidates(e[1]))):
                 out[(e[0], e[1], e[2])] = e[3]
-        if entries and len(out) < len(entries):
-            logger.warning("the AMX K-split cache %s had %d malformed entries (skipped)", path,
-                           len(entries) - len(out))
+            elif line.strip():
+                bad += 1
+        if bad:
+            logger.warning("the AMX K-split cache %s had %d malformed lines (skipped)", path, bad)
         return out
 
-    def _write(self) -> None:
-        """Merge this process's measurements into the cache file (atomically: a temporary file renamed over it; a
-        concurrent writer can lose entries, never corrupt the file). A failure to write is logged, not raised."""
+    def _append(self, key: tuple[int, int, int], chunk: int) -> None:
+        """Add one measurement to the cache file: a single short line appended (O_APPEND), so the cost does not grow
+        with the file and processes sharing it never corrupt it. A failure to write is logged once, not raised."""
         path = self.cache_file
         if path is None:
             return
-        merged = {**self._read(path), **{k: v for k, v in self._chunks.items() if k[2] > 32}}
-        body = {"what": "oneDNN's K split of a bf16 linear [rows, k] x [n, k] on this machine, for linear_amx; "
-                        "entries [n, k, rows, k_chunk] (tierserve.kernels.linear_order.AmxKChunks)",
-                "chunks": [[n, k, r, c] for (n, k, r), c in sorted(merged.items())]}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(body, f)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep it from other users of a shared cache folder
-            os.replace(tmp, path)
+            with open(path, "a") as f:
+                f.write(json.dumps([*key, chunk]) + "\n")
         except OSError as exc:
             logger.warning("could not write the AMX K-split cache %s (%s); measuring in memory only", path, exc)
             self.cache_file = None
@@ -268,5 +262,5 @@ class AmxKChunks:
         self._chunks[key] = found
         self.probe_count += 1
         self.probe_seconds += time.perf_counter() - t0
-        self._write()
+        self._append(key, found)
         return found
