@@ -81,23 +81,10 @@ def torch_k_chunks(ops: ModuleType, n: int, k: int, rows: tuple[int, ...] = (2, 
     return (one or 0, many or 0)
 
 
-def _cpu_identity() -> str:
-    """CPU family, model and stepping (a VM may report every Xeon as "Intel(R) Xeon(R) Processor") and the cache
-    sizes as the OS reports them (oneDNN's blocking heuristics read them too)."""
-    ident = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                field = line.split(":", 1)[0].strip()
-                if field in ("cpu family", "model", "stepping"):
-                    ident.append(line.split(":", 1)[1].strip())
-                elif not line.strip():
-                    break
-    except OSError:
-        pass
-    folder = Path("/sys/devices/system/cpu/cpu0/cache")
-    sizes = ["/".join(ident)]
-    for idx in sorted(folder.glob("index*")):
+def _cache_sizes() -> str:
+    """This CPU's cache sizes as the OS reports them (oneDNN's blocking heuristics read them too)."""
+    sizes = []
+    for idx in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             sizes.append(f"L{(idx / 'level').read_text().strip()}{(idx / 'type').read_text().strip()[0]}="
                          f"{(idx / 'size').read_text().strip()}")
@@ -108,16 +95,16 @@ def _cpu_identity() -> str:
 
 def amx_chunks_cache_file(threads: int) -> Path:
     """Where ``AmxKChunks`` keeps what it measured, for later processes on a machine like this one: one file per CPU
-    model, feature set, cache sizes, torch (and so oneDNN) version, oneDNN settings in the environment (e.g.
-    ``ONEDNN_MAX_CPU_ISA``) and thread count - everything oneDNN's choice of K split depends on - under the kernels'
-    cache folder."""
+    model (family / model / stepping too), feature set, cache sizes, torch (and so oneDNN) version, oneDNN settings
+    in the environment (e.g. ``ONEDNN_MAX_CPU_ISA``) and thread count - everything oneDNN's choice of K split
+    depends on - under the kernels' cache folder."""
     from tierserve.kernels import cache_dir
     from tierserve.utils.cpu import cpu_info
 
     info = cpu_info()
     onednn_env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(("ONEDNN_", "DNNL_")))
-    key = "|".join([info.model_name, _cpu_identity(), " ".join(sorted(info.flags)), " ".join(onednn_env),
-                    torch.__version__, str(threads)])
+    key = "|".join([info.model_name, repr(sorted(info.ident.items())), _cache_sizes(), " ".join(sorted(info.flags)),
+                    " ".join(onednn_env), torch.__version__, str(threads)])
     return cache_dir() / "amx_k_chunks" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,6 +16,9 @@ class CPUInfo:
     model_name: str
     flags: frozenset[str]
     num_cores: int
+    ident: dict[str, str] = field(default_factory=dict)
+    """``cpu family``, ``model`` and ``stepping`` from /proc/cpuinfo where present (a VM may name every Xeon
+    "Intel(R) Xeon(R) Processor")."""
 
     @property
     def has_amx(self) -> bool:
@@ -32,20 +35,25 @@ class CPUInfo:
 
 def cpu_info() -> CPUInfo:
     name, flags = "unknown", frozenset[str]()
+    ident: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and name == "unknown":
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key == "flags" and not flags:
+                    flags = frozenset(value.split())
+                elif key in ("cpu family", "model", "stepping") and key not in ident:
+                    ident[key] = value.strip()
     except OSError:
         pass
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return CPUInfo(name, flags, cores)
+    return CPUInfo(name, flags, cores, ident)
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

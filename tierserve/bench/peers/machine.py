@@ -25,15 +25,7 @@ def cpu_description() -> dict[str, Any]:
     from tierserve.utils.cpu import cpu_info
 
     info = cpu_info()
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("cpu family", "model", "stepping") and key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
+    fields = info.ident
     features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
                 if f in info.flags]
     name = info.model_name

@@ -244,8 +244,8 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
 // ---------------------------------------------------------------------------------------------------------------
 // Greedy sampling: the index of each row's maximum, as torch's max(dim=-1).indices on the float32 logits gives it -
 // the first of equal maxima, a NaN counting as the maximum (the first NaN) - read straight from the model's
-// bf16 (or float32) logits: torch's reduction took ~2.5 ms for [64, 49152] and the float copy before it ~0.7 ms, a
-// ~4% of a 64-sequence decode step; this reads the bf16 row once at vector width.
+// bf16 (or float32) logits: torch's reduction took ~2.5 ms for [64, 49152] and the float copy before it ~0.7 ms; this
+// reads the bf16 row once at vector width (~0.25 ms; a 64-sequence decode step took 0.89-0.96x the time, BENCHMARKS.md).
 template <typename T>
 int64_t argmax_row(const T* x, int64_t n) {
   int64_t i = 0, best = 0;
