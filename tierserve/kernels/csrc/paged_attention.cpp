@@ -358,9 +358,10 @@ __attribute__((always_inline)) inline __m512 reduce16_ymm8(const __m512* A) {
 }
 
 // ymm8-order scores of nrows rows (row r at q + r * q_stride) against n <= 16 consecutive keys.
-template <int DH>
+template <int DH, bool Full = false>
 inline void scores_ymm8(const at::BFloat16* q, int64_t q_stride, int64_t nrows, const at::BFloat16* k, int n,
                         float scale, float* out, int64_t out_stride) {
+  if constexpr (Full) n = 16;  // a whole 16-key step: no per-key bound checks
   constexpr int64_t d = 32 * DH;
   const __mmask16 keep = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
   const __m512 sc = _mm512_set1_ps(scale);
@@ -398,6 +399,28 @@ inline int64_t pv_index(int64_t i) {
   const int64_t h = i / 32, q = (i % 32) / 8, w = i % 8;
   return (2 * h + w / 4) * 16 + 4 * q + w % 4;
 }
+
+#ifdef TS_AVX512_BF16
+// o[i] = bf16(acc[pv_index(i)] * inv_z) for i < d (a multiple of 32), 16 outputs per vector: within a 32-feature
+// half the sources are its two accumulator vectors, picked by one two-source permute. The product and its rounding
+// are the scalar loop's (a NaN becomes 0x7FC0, as c10::BFloat16 makes it).
+inline void write_unpermuted(const float* acc, float inv_z, int64_t d, uint16_t* o) {
+  alignas(64) int32_t ix[32];
+  for (int j = 0; j < 32; ++j) ix[j] = static_cast<int32_t>(pv_index(j));
+  const __m512i i0 = _mm512_load_si512(ix), i1 = _mm512_load_si512(ix + 16);
+  const __m512 z = _mm512_set1_ps(inv_z);
+  const __m256i qnan = _mm256_set1_epi16(0x7FC0);
+  for (int64_t h = 0; h < d; h += 32) {
+    const __m512 a = _mm512_loadu_ps(acc + h), b = _mm512_loadu_ps(acc + h + 16);
+    for (int u = 0; u < 2; ++u) {
+      const __m512 v = _mm512_mul_ps(_mm512_permutex2var_ps(a, u ? i1 : i0, b), z);
+      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __m256i r = _mm256_mask_blend_epi16(nan, tierserve_vec::to_bf16(v), qnan);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + h + 16 * u), r);
+    }
+  }
+}
+#endif
 
 // One work item: nq query rows against the first ctx keys of a sequence of kv_total keys (>= ctx: a prefill tile
 // sees the keys up to its last token); row r sees keys [0, limit[r]), limits nondecreasing in r; rows from gemv_from
@@ -481,9 +504,11 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
             const auto* q0 = reinterpret_cast<const at::BFloat16*>(qs.row(r0));
             float* o = sc + r0 * ctx + t0 + j0;
             if (d == 64) {
-              scores_ymm8<2>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
+              if (m == 16) scores_ymm8<2, true>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
+              else scores_ymm8<2>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
             } else {
-              scores_ymm8<4>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
+              if (m == 16) scores_ymm8<4, true>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
+              else scores_ymm8<4>(q0, d, nq - r0, kbb + j0 * d, m, scale, o, ctx);
             }
           }
           continue;
@@ -714,6 +739,12 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     const float* ar = acc + r * d;
     const float inv_z = 1.f / run_sum[r];  // torch multiplies by the reciprocal too
     if (permuted) {
+#ifdef TS_AVX512_BF16
+      if constexpr (std::is_same_v<T, at::BFloat16>) {  // d is 64 or 128 here (the p.V kernels' layout)
+        write_unpermuted(ar, inv_z, d, reinterpret_cast<uint16_t*>(o));
+        continue;
+      }
+#endif
       for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(ar[pv_index(i)] * inv_z);
     } else {
       for (int64_t i = 0; i < d; ++i) o[i] = static_cast<T>(ar[i] * inv_z);

@@ -1,0 +1,149 @@
+"""Decode attention (the native ``paged_decode``) alone: is it memory-bound or compute-bound on this machine?
+
+Times 30 layers of decode attention for ``--batch`` sequences of ``--min-len``..``--max-len`` tokens (bf16, the
+default model's heads: 9 query heads, 3 kv heads, head_dim 64), with the K/V cache on huge pages like the engine's:
+
+- ``dram contiguous``: each sequence's blocks consecutive (a prefilled prompt), the 30 layers' K/V far beyond the
+  caches;
+- ``dram scattered``: blocks in random order (what decode appends look like);
+- ``hot``: the same number of (sequence, layer) items, but 8 sequences of one layer over and over, so K/V stay in L2:
+  the kernel's compute alone.
+
+Each is printed as ms per 30 layers and as GB/s of K/V read, beside this machine's streaming-read bandwidth (the
+roofline's). If ``dram`` is close to ``hot``, the kernel is compute-bound; if ``hot`` is far below ``dram`` and
+``dram`` is near the streaming read, memory-bound.
+
+``--compare DIGEST`` also loads another build of the kernels from ``~/.cache/tierserve/kernels/DIGEST`` (e.g. the
+build of an older source tree; ``tierserve.kernels.build_dir()`` names a tree's) and times both in this process,
+interleaved over ``--rounds``, after checking that their outputs are bit-identical.
+
+    .venv/bin/python scripts/decode_attention_bench.py
+    .venv/bin/python scripts/decode_attention_bench.py --compare 2e34dbf4750d69e3 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from types import ModuleType
+
+
+def _load_build(digest: str) -> ModuleType:
+    from tierserve.kernels import cache_dir
+
+    found = glob.glob(str(cache_dir() / "kernels" / digest / "*.so"))
+    if not found:
+        raise SystemExit(f"no kernel build in {cache_dir() / 'kernels' / digest}")
+    spec = importlib.util.spec_from_file_location(os.path.basename(found[0])[:-3], found[0])
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _best_of(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64, help="sequences decoding at once")
+    p.add_argument("--min-len", type=int, default=250, help="shortest context (tokens)")
+    p.add_argument("--max-len", type=int, default=400, help="longest context (tokens)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (medians are printed)")
+    p.add_argument("--compare", metavar="DIGEST", help="another kernel build to time against this tree's")
+    args = p.parse_args()
+
+    import torch
+
+    from tierserve.bench.roofline import measure_bandwidth
+    from tierserve.kernels import build_dir, cpu_ops
+    from tierserve.kernels.attention_order import torch_decode_order
+    from tierserve.utils.hugepages import host_buffer
+
+    ops = cpu_ops()
+    if ops is None or not ops.has_avx512_bf16:
+        print("error: needs the native kernels on a CPU with AVX-512-BF16", file=sys.stderr)
+        return 1
+    builds = {"this tree": ops}
+    if args.compare:
+        builds = {"other": _load_build(args.compare), "this tree": ops}
+    found = torch_decode_order(ops, 64)
+    order = ops.decode_order() if found is None else found
+    for mod in builds.values():
+        mod.set_decode_order(order)
+
+    torch.manual_seed(0)
+    layers, bs, hkv, heads, d, b = 30, 16, 3, 9, 64, args.batch
+    max_blocks = (args.max_len + bs - 1) // bs
+    nb = 2 * b * max_blocks
+    per = 2 * hkv * nb * bs * d
+    buf = host_buffer(layers * per * 2, populate=True).view(torch.bfloat16)
+    buf.copy_(torch.randn(layers * per).to(torch.bfloat16))
+    caches = list(buf.view(layers, 2, hkv, nb, bs, d).unbind(0))
+    seq_lens = torch.randint(args.min_len, args.max_len + 1, (b,))
+    q = torch.randn(b, heads, d).to(torch.bfloat16)
+    contiguous = torch.arange(b * max_blocks).view(b, max_blocks).contiguous()
+    scattered = torch.randperm(nb)[: b * max_blocks].view(b, max_blocks).contiguous()
+    kv_bytes = int(seq_lens.sum()) * hkv * 2 * d * 2 * layers
+    hot_b = min(8, b)
+    hot_reps = max(1, layers * b // hot_b)
+    hot_bytes = int(seq_lens[:hot_b].sum()) * hkv * 2 * d * 2 * hot_reps
+
+    def cases(mod: ModuleType) -> dict[str, Callable[[], object]]:
+        return {
+            "dram contiguous": lambda: [mod.paged_decode(q, c, contiguous, seq_lens, 0.125) for c in caches],
+            "dram scattered": lambda: [mod.paged_decode(q, c, scattered, seq_lens, 0.125) for c in caches],
+            "hot (compute)": lambda: [mod.paged_decode(q[:hot_b], caches[0], scattered[:hot_b], seq_lens[:hot_b], 0.125)
+                                      for _ in range(hot_reps)],
+        }
+
+    if len(builds) == 2:
+        a, n = builds.values()
+        for table in (contiguous, scattered):
+            for c in caches[:3]:
+                if not torch.equal(a.paged_decode(q, c, table, seq_lens, 0.125),
+                                   n.paged_decode(q, c, table, seq_lens, 0.125)):
+                    print("error: the two builds' outputs differ", file=sys.stderr)
+                    return 1
+        print(f"outputs bit-identical: {args.compare} and {build_dir().name} (this tree)")
+
+    stream = measure_bandwidth(3)
+    print(f"{b} sequences of {args.min_len}-{args.max_len} tokens, 30 layers, K/V {kv_bytes / 1e6:.0f} MB; "
+          f"streaming read {stream:.1f} GB/s; decode order {order}")
+    times: dict[str, dict[str, list[float]]] = {name: {case: [] for case in cases(ops)} for name in builds}
+    for r in range(args.rounds):
+        names = list(builds) if r % 2 == 0 else list(reversed(builds))
+        for case in cases(ops):
+            for name in names:
+                times[name][case].append(_best_of(cases(builds[name])[case]))
+    for name in builds:
+        parts = []
+        for case, ts in times[name].items():
+            nbytes = hot_bytes if case.startswith("hot") else kv_bytes
+            med = statistics.median(ts)
+            parts.append(f"{case} {med * 1e3:.1f} ms ({nbytes / med / 1e9:.1f} GB/s)")
+        print(f"{name}: " + ", ".join(parts))
+    if len(builds) == 2:
+        other, mine = (times[k] for k in builds)
+        for case in mine:
+            ratios = sorted(m / o for o, m in zip(other[case], mine[case]))
+            print(f"  {case}: this tree / other, median of rounds {statistics.median(ratios):.3f} "
+                  f"({ratios[0]:.3f}-{ratios[-1]:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
