@@ -234,8 +234,7 @@ inline int chunks_of(int64_t w, int64_t* bounds) {  // bounds[0..n] (n <= 3 for 
 
 // acc[r] (pv_index layout) += p.V in gemm order over keys [c0, c1) of one chunk, for NR rows: the chunk's sum from
 // zero (key pairs j, j + 1 with key j in the high word, so j is added first), then added to acc.
-// LaterFirst: key j + 1 in the high word instead (added first; the ymm8 order's chunks of 8 keys).
-template <int NR, int DH, typename V, bool LaterFirst = false>
+template <int NR, int DH, typename V>
 inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow, int64_t c0, int64_t c1, float* acc) {
   constexpr int64_t d = 32 * DH;
   __m512 z[NR][2 * DH];
@@ -249,14 +248,13 @@ inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow
     for (int h = 0; h < DH; ++h) {
       const __m512i a = _mm512_loadu_si512(v0 + 32 * h);
       const __m512i b = pair ? _mm512_loadu_si512(v1 + 32 * h) : _mm512_setzero_si512();
-      // low word key j + 1, high word key j (LaterFirst: the other way round)
-      lo[h] = LaterFirst ? _mm512_unpacklo_epi16(a, b) : _mm512_unpacklo_epi16(b, a);
-      hi[h] = LaterFirst ? _mm512_unpackhi_epi16(a, b) : _mm512_unpackhi_epi16(b, a);
+      // low word key j + 1, high word key j
+      lo[h] = _mm512_unpacklo_epi16(b, a);
+      hi[h] = _mm512_unpackhi_epi16(b, a);
     }
     for (int r = 0; r < NR; ++r) {
       const uint32_t pj = p[r * p_stride + j], pj1 = pair ? p[r * p_stride + j + 1] : 0u;
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(LaterFirst ? (pj1 << 16) | pj
-                                                                                   : (pj << 16) | pj1));
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>((pj << 16) | pj1));
       for (int h = 0; h < DH; ++h) {
         z[r][2 * h] = _mm512_dpbf16_ps(z[r][2 * h], pp, (__m512bh)lo[h]);
         z[r][2 * h + 1] = _mm512_dpbf16_ps(z[r][2 * h + 1], pp, (__m512bh)hi[h]);
@@ -268,6 +266,70 @@ inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow
       float* a = acc + r * d + 16 * c;
       _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), z[r][c]));
     }
+}
+
+// The ymm8 order's p.V for NR rows over the keys [n0, nend) of one split: chunks of 8 keys from n0, each summed from
+// zero (key pairs, the later key in the high word: added first) and then added to acc (pv_index layout) - the
+// arithmetic of a gemm-order chunk with the key order in each pair swapped, with acc held in registers across the split's
+// chunks instead of loaded, added and stored back per chunk, and each key pair's two p values broadcast as one dword
+// (p rows are dword-aligned and chunks start at even keys, so keys j, j + 1 are the dword at p + j: low word j, high
+// word j + 1) instead of two loads, a shift and an or.
+template <int NR, int DH, typename V>
+inline void values_ymm8_split(const uint16_t* p, int64_t p_stride, const V& vrow, int64_t n0, int64_t nend,
+                              float* acc) {
+  constexpr int64_t d = 32 * DH;
+  __m512 a[NR][2 * DH];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 2 * DH; ++c) a[r][c] = _mm512_loadu_ps(acc + r * d + 16 * c);
+  for (int64_t c0 = n0; c0 < nend; c0 += 8) {
+    const int64_t c1 = std::min(c0 + 8, nend);
+    // a chunk lies inside one block (blocks are multiples of 16 keys, chunks start at multiples of 8): its values
+    // are consecutive rows
+    const at::BFloat16* vc = vrow(c0);
+    __m512 z[NR][2 * DH];
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < 2 * DH; ++c) z[r][c] = _mm512_setzero_ps();
+    int64_t j = c0;
+    for (; j + 1 < c1; j += 2) {
+      const at::BFloat16* v0 = vc + (j - c0) * d;
+      __m512i lo[DH], hi[DH];
+      for (int h = 0; h < DH; ++h) {
+        const __m512i x0 = _mm512_loadu_si512(v0 + 32 * h), x1 = _mm512_loadu_si512(v0 + d + 32 * h);
+        lo[h] = _mm512_unpacklo_epi16(x0, x1);  // low word key j, high word key j + 1
+        hi[h] = _mm512_unpackhi_epi16(x0, x1);
+      }
+      for (int r = 0; r < NR; ++r) {
+        int32_t pair;
+        std::memcpy(&pair, p + r * p_stride + j, sizeof(pair));
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+        for (int h = 0; h < DH; ++h) {
+          z[r][2 * h] = _mm512_dpbf16_ps(z[r][2 * h], pp, (__m512bh)lo[h]);
+          z[r][2 * h + 1] = _mm512_dpbf16_ps(z[r][2 * h + 1], pp, (__m512bh)hi[h]);
+        }
+      }
+    }
+    if (j < c1) {  // an odd last key: alone in the low word
+      const at::BFloat16* v0 = vc + (j - c0) * d;
+      const __m512i zero = _mm512_setzero_si512();
+      __m512i lo[DH], hi[DH];
+      for (int h = 0; h < DH; ++h) {
+        const __m512i x0 = _mm512_loadu_si512(v0 + 32 * h);
+        lo[h] = _mm512_unpacklo_epi16(x0, zero);
+        hi[h] = _mm512_unpackhi_epi16(x0, zero);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(p[r * p_stride + j]));
+        for (int h = 0; h < DH; ++h) {
+          z[r][2 * h] = _mm512_dpbf16_ps(z[r][2 * h], pp, (__m512bh)lo[h]);
+          z[r][2 * h + 1] = _mm512_dpbf16_ps(z[r][2 * h + 1], pp, (__m512bh)hi[h]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int c = 0; c < 2 * DH; ++c) a[r][c] = _mm512_add_ps(a[r][c], z[r][c]);
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < 2 * DH; ++c) _mm512_storeu_ps(acc + r * d + 16 * c, a[r][c]);
 }
 
 // acc[r] (pv_index layout) += p.V in gemv order over a whole split of w keys from key n0 (n0 and block_size multiples
@@ -657,23 +719,16 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
         auto vrow = [&](int64_t t) { return reinterpret_cast<const at::BFloat16*>(vs.block(t) + (t % bs) * d); };
         if (ymm8) {  // chunks of 8 keys from the split's start, each summed from zero and added
           const int64_t r1 = first_row(n0);
-          for (int64_t c0 = n0; c0 < nend; c0 += 8) {
-            const int64_t c1 = std::min(c0 + 8, nend);
-            // a chunk lies inside one block (blocks are multiples of 16 keys, chunks start at multiples of 8): its
-            // values are consecutive rows, found without a division per key
-            const at::BFloat16* vc = vrow(c0);
-            auto vchunk = [vc, c0, d](int64_t t) { return vc + (t - c0) * d; };
-            auto run = [&](auto nr, int64_t r) {
-              constexpr int NR = decltype(nr)::value;
-              const uint16_t* pr = pb + (r1 + r) * ctx_even;
-              if (d == 64) {
-                values_gemm_chunk<NR, 2, decltype(vchunk), true>(pr, ctx_even, vchunk, c0, c1, acc + (r1 + r) * d);
-              } else {
-                values_gemm_chunk<NR, 4, decltype(vchunk), true>(pr, ctx_even, vchunk, c0, c1, acc + (r1 + r) * d);
-              }
-            };
-            by_rows(nq - r1, run);
-          }
+          auto run = [&](auto nr, int64_t r) {
+            constexpr int NR = decltype(nr)::value;
+            const uint16_t* pr = pb + (r1 + r) * ctx_even;
+            if (d == 64) {
+              values_ymm8_split<NR, 2>(pr, ctx_even, vrow, n0, nend, acc + (r1 + r) * d);
+            } else {
+              values_ymm8_split<NR, 4>(pr, ctx_even, vrow, n0, nend, acc + (r1 + r) * d);
+            }
+          };
+          by_rows(nq - r1, run);
           permuted = true;
           continue;
         }
