@@ -1,0 +1,113 @@
+"""This tree's native kernels against another build of them, in one engine process: the offline batch, builds swapped
+per run.
+
+The engine loads this tree's build as usual; ``OTHER`` (a folder name under ``~/.cache/tierserve/kernels/``, e.g. the
+build of an older source tree - ``tierserve.kernels.build_dir()`` names a tree's) is loaded beside it, and each run
+of ``--num-prompts`` x ``--input-len`` -> ``--output-len`` (greedy) goes through one or the other, alternating which
+goes first in each of ``--rounds``. Prints the batch time, the median decode-step time (steps whose every sequence
+decodes one token) and the prefill/mixed steps' total per run, the median of the per-round ratios (this tree /
+other), and whether the two builds gave the same tokens.
+
+    .venv/bin/python scripts/kernel_build_ab.py 2e34dbf4750d69e3 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+
+def _load_build(digest: str) -> ModuleType:
+    from tierserve.kernels import cache_dir
+
+    found = glob.glob(str(cache_dir() / "kernels" / digest / "*.so"))
+    if not found:
+        raise SystemExit(f"no kernel build in {cache_dir() / 'kernels' / digest}")
+    spec = importlib.util.spec_from_file_location(os.path.basename(found[0])[:-3], found[0])
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("other", metavar="OTHER", help="folder name of the other build under ~/.cache/tierserve/kernels/")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+
+    from tierserve import LLM, SamplingParams
+    from tierserve.bench.peers.offline import prompt_ids
+    from tierserve.kernels import build_dir
+
+    llm = LLM(kv_cache_memory="2GiB")
+    runner = llm.engine.runner
+    model = runner.model
+    mine = model.fused_ops
+    if mine is None or not hasattr(runner.attn, "ops"):
+        print("error: the engine does not run the native CPU kernels here", file=sys.stderr)
+        return 1
+    builds: dict[str, ModuleType] = {"this tree": mine, "other": _load_build(args.other)}
+    for mod in builds.values():
+        mod.set_decode_order(mine.decode_order())
+
+    attn: Any = runner.attn
+
+    def use(mod: ModuleType) -> None:
+        model.fused_ops = mod
+        attn.ops = mod
+
+    steps: list[tuple[bool, float]] = []
+    execute = runner.execute
+
+    def timed(sched: Any) -> Any:
+        t = time.perf_counter()
+        out = execute(sched)
+        decode = all(s.num_new_tokens == 1 and s.request.num_computed_tokens > 0 for s in sched.scheduled)
+        steps.append((decode, time.perf_counter() - t))
+        return out
+
+    runner.execute = timed  # type: ignore[method-assign]
+    prompts = prompt_ids("smollm2-135m", args.num_prompts, args.input_len, 0)
+    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    for mod in builds.values():  # warm-up (and the other build's first AMX/threads use)
+        use(mod)
+        llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    print(f"this tree: {build_dir().name}, other: {args.other}")
+    res: dict[str, list[tuple[float, float, float]]] = {name: [] for name in builds}
+    tokens: dict[str, list[list[int]]] = {}
+    for r in range(args.rounds):
+        for name in list(builds) if r % 2 == 0 else list(reversed(builds)):
+            use(builds[name])
+            steps.clear()
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            total = time.perf_counter() - t
+            tokens.setdefault(name, [list(o.outputs[0].token_ids) for o in outs])
+            decode = [d for is_decode, d in steps if is_decode]
+            prefill = sum(d for is_decode, d in steps if not is_decode)
+            res[name].append((total, statistics.median(decode), prefill))
+            step_ms = statistics.median(decode) * 1e3
+            print(f"round {r} {name}: batch {total:.2f} s, decode step median {step_ms:.1f} ms, "
+                  f"prefill/mixed steps {prefill:.2f} s", flush=True)
+    use(mine)
+    print(f"same tokens: {tokens['this tree'] == tokens['other']}")
+    for i, what in enumerate(("batch", "decode step", "prefill/mixed")):
+        ratios = sorted(m[i] / o[i] for m, o in zip(res["this tree"], res["other"]))
+        print(f"{what}: this tree / other, median of rounds {statistics.median(ratios):.3f} "
+              f"({ratios[0]:.3f}-{ratios[-1]:.3f})")
+    return 0 if tokens["this tree"] == tokens["other"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
