@@ -37,10 +37,10 @@ def main() -> int:
 
     llm = LLM(kv_cache_memory="2GiB")
     model = llm.engine.runner.model
-    if model.amx_chunks is None:
+    ops = model.fused_ops
+    if model.amx_chunks is None or ops is None:
         print("this CPU does not run the AMX path (no AMX tiles, or not bf16): nothing to measure", file=sys.stderr)
         return 1
-    ops = model.fused_ops
     wl = build_workload(WorkloadConfig(name="sharegpt", tokenizer="SmolLM2-135M-Instruct",
                                        output_len=args.output_len), args.num_prompts, args.seed)
     prompts = [t.text for s in wl.sessions for t in s.turns]

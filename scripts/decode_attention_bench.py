@@ -24,27 +24,11 @@ interleaved over ``--rounds``, after checking that their outputs are bit-identic
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from types import ModuleType
-
-
-def _load_build(digest: str) -> ModuleType:
-    from tierserve.kernels import cache_dir
-
-    found = glob.glob(str(cache_dir() / "kernels" / digest / "*.so"))
-    if not found:
-        raise SystemExit(f"no kernel build in {cache_dir() / 'kernels' / digest}")
-    spec = importlib.util.spec_from_file_location(os.path.basename(found[0])[:-3], found[0])
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _best_of(fn: Callable[[], object], reps: int = 3) -> float:
@@ -69,7 +53,7 @@ def main() -> int:
     import torch
 
     from tierserve.bench.roofline import measure_bandwidth
-    from tierserve.kernels import build_dir, cpu_ops
+    from tierserve.kernels import build_dir, cpu_ops, load_build
     from tierserve.kernels.attention_order import torch_decode_order
     from tierserve.utils.hugepages import host_buffer
 
@@ -79,7 +63,7 @@ def main() -> int:
         return 1
     builds = {"this tree": ops}
     if args.compare:
-        builds = {"other": _load_build(args.compare), "this tree": ops}
+        builds = {"other": load_build(args.compare), "this tree": ops}
     found = torch_decode_order(ops, 64)
     order = ops.decode_order() if found is None else found
     for mod in builds.values():

@@ -14,27 +14,11 @@ other), and whether the two builds gave the same tokens.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
-import os
 import statistics
 import sys
 import time
 from types import ModuleType
 from typing import Any
-
-
-def _load_build(digest: str) -> ModuleType:
-    from tierserve.kernels import cache_dir
-
-    found = glob.glob(str(cache_dir() / "kernels" / digest / "*.so"))
-    if not found:
-        raise SystemExit(f"no kernel build in {cache_dir() / 'kernels' / digest}")
-    spec = importlib.util.spec_from_file_location(os.path.basename(found[0])[:-3], found[0])
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> int:
@@ -48,7 +32,7 @@ def main() -> int:
 
     from tierserve import LLM, SamplingParams
     from tierserve.bench.peers.offline import prompt_ids
-    from tierserve.kernels import build_dir
+    from tierserve.kernels import build_dir, load_build
 
     llm = LLM(kv_cache_memory="2GiB")
     runner = llm.engine.runner
@@ -57,7 +41,7 @@ def main() -> int:
     if mine is None or not hasattr(runner.attn, "ops"):
         print("error: the engine does not run the native CPU kernels here", file=sys.stderr)
         return 1
-    builds: dict[str, ModuleType] = {"this tree": mine, "other": _load_build(args.other)}
+    builds: dict[str, ModuleType] = {"this tree": mine, "other": load_build(args.other)}
     for mod in builds.values():
         mod.set_decode_order(mine.decode_order())
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tierserve.kernels import build_dir, cpu_ops
+from tierserve.kernels import build_dir, cpu_ops, load_build
 
 needs_native = pytest.mark.skipif(cpu_ops() is None, reason="native kernels cannot be built here")
 
@@ -28,3 +28,14 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert not stale
     assert "interrupted kernel build" in done.stderr
+
+
+@needs_native
+def test_load_build_finds_a_build_by_its_folder_and_names_a_missing_one() -> None:
+    ops = cpu_ops()
+    assert ops is not None
+    same = load_build(build_dir().name)  # this tree's own build: the module already loaded
+    assert same is ops and callable(same.paged_decode)
+    with pytest.raises(FileNotFoundError, match=r"no kernel build in .*no-such-build"):
+        load_build("no-such-build")
+

@@ -105,3 +105,22 @@ def loaded_cpu_ops() -> ModuleType | None:
     optional fast paths in code that must not trigger a first-use build, e.g. the sampler under the torch backend)."""
     with _lock:
         return _cpu_ops
+
+
+def load_build(name: str) -> ModuleType:
+    """Load another build of the kernels from ``cache_dir()/kernels/<name>`` (a folder ``build_dir()`` made for some
+    source tree) beside this process's own - for A/B comparisons of kernel changes in one process
+    (``scripts/decode_attention_bench.py``, ``scripts/kernel_build_ab.py``). Its globals (e.g. the decode order) are
+    its own."""
+    import importlib.util
+
+    found = sorted((cache_dir() / "kernels" / name).glob("*.so"))
+    if not found:
+        raise FileNotFoundError(f"no kernel build in {cache_dir() / 'kernels' / name}")
+    spec = importlib.util.spec_from_file_location(found[0].stem, found[0])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {found[0]}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
