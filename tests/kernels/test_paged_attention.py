@@ -189,6 +189,36 @@ def test_decode_order_is_measured_and_exact() -> None:
 
 
 @needs_bf16
+@pytest.mark.parametrize("scale", [3e-38, 1e-37])
+def test_decode_rounds_tiny_outputs_like_sdpa(scale: float) -> None:
+    """Values near bf16's smallest normal: the outputs' rounding to bf16 keeps denormal results, as SDPA does (the
+    hardware bf16 conversion would flush them to zero)."""
+    from tierserve.kernels import cpu_ops
+    from tierserve.kernels.attention_order import torch_decode_order
+
+    ops = cpu_ops()
+    assert ops is not None
+    order = torch_decode_order(ops, 64)
+    if order is None:
+        pytest.skip("neither native decode order reproduces torch's SDPA on this CPU")
+    before = ops.decode_order()
+    ops.set_decode_order(order)
+    try:
+        for ctx in (40, 333):
+            q, k, _, cache, table = _sdpa_case("decode", ctx)
+            g = torch.Generator().manual_seed(1)
+            v = (torch.sign(torch.randn(ctx, HKV, 64, generator=g)) * scale
+                 * (1 + torch.rand(ctx, HKV, 64, generator=g))).bfloat16()
+            cache[1].view(HKV, -1, 64)[:, :ctx] = v.transpose(0, 1)
+            ref = _sdpa(q, k, v, causal=False)
+            assert ((ref.float().abs() < torch.finfo(torch.float32).tiny) & (ref != 0)).any()  # denormals to keep
+            ours = ops.paged_decode(q, cache, table, torch.tensor([ctx]), 64**-0.5)
+            assert torch.equal(ours, ref), (scale, ctx, int((ours != ref).sum()))
+    finally:
+        ops.set_decode_order(before)
+
+
+@needs_bf16
 @avx512_orders
 @pytest.mark.parametrize("ctx,chunk", [(333, 100), (1100, 600), (200, 199)])
 def test_bf16_chunked_prefill_sums_like_the_whole_prompt(ctx: int, chunk: int) -> None:

@@ -270,10 +270,10 @@ inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow
 
 // The ymm8 order's p.V for NR rows over the keys [n0, nend) of one split: chunks of 8 keys from n0, each summed from
 // zero (key pairs, the later key in the high word: added first) and then added to acc (pv_index layout) - the
-// arithmetic of a gemm-order chunk with the key order in each pair swapped, with acc held in registers across the split's
-// chunks instead of loaded, added and stored back per chunk, and each key pair's two p values broadcast as one dword
-// (p rows are dword-aligned and chunks start at even keys, so keys j, j + 1 are the dword at p + j: low word j, high
-// word j + 1) instead of two loads, a shift and an or.
+// arithmetic of a gemm-order chunk with the key order in each pair swapped, with acc held in registers across the
+// split's chunks instead of loaded, added and stored back per chunk, and each key pair's two p values broadcast as one
+// dword (p rows are dword-aligned and chunks start at even keys, so keys j, j + 1 are the dword at p + j: low word j,
+// high word j + 1) instead of two loads, a shift and an or.
 template <int NR, int DH, typename V>
 inline void values_ymm8_split(const uint16_t* p, int64_t p_stride, const V& vrow, int64_t n0, int64_t nend,
                               float* acc) {
@@ -465,20 +465,17 @@ inline int64_t pv_index(int64_t i) {
 #ifdef TS_AVX512_BF16
 // o[i] = bf16(acc[pv_index(i)] * inv_z) for i < d (a multiple of 32), 16 outputs per vector: within a 32-feature
 // half the sources are its two accumulator vectors, picked by one two-source permute. The product and its rounding
-// are the scalar loop's (a NaN becomes 0x7FC0, as c10::BFloat16 makes it).
+// are the scalar loop's (c10::BFloat16's conversion, denormals and NaN included).
 inline void write_unpermuted(const float* acc, float inv_z, int64_t d, uint16_t* o) {
   alignas(64) int32_t ix[32];
   for (int j = 0; j < 32; ++j) ix[j] = static_cast<int32_t>(pv_index(j));
   const __m512i i0 = _mm512_load_si512(ix), i1 = _mm512_load_si512(ix + 16);
   const __m512 z = _mm512_set1_ps(inv_z);
-  const __m256i qnan = _mm256_set1_epi16(0x7FC0);
   for (int64_t h = 0; h < d; h += 32) {
     const __m512 a = _mm512_loadu_ps(acc + h), b = _mm512_loadu_ps(acc + h + 16);
     for (int u = 0; u < 2; ++u) {
       const __m512 v = _mm512_mul_ps(_mm512_permutex2var_ps(a, u ? i1 : i0, b), z);
-      const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      const __m256i r = _mm256_mask_blend_epi16(nan, tierserve_vec::to_bf16(v), qnan);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + h + 16 * u), r);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + h + 16 * u), tierserve_vec::to_bf16_like_c10(v));
     }
   }
 }

@@ -52,6 +52,16 @@ inline __m512 load16_bf16(const at::BFloat16* p) {
 
 // fp32 -> bf16, round to nearest even (as torch does), 16 at a time.
 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// c10::BFloat16(float) bit for bit, 16 at a time: round to nearest even on the bits (denormals kept, which the
+// instruction above flushes), any NaN -> 0x7FC0.
+inline __m256i to_bf16_like_c10(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
 #endif
 
 }  // namespace tierserve_vec
