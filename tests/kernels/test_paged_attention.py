@@ -281,3 +281,38 @@ def test_sdpa_prefill_reads_a_whole_prompts_kv_from_the_step_like_from_the_cache
     assert torch.equal(direct, gathered)
     wrong = backend.attend(q, cache, meta, (torch.zeros_like(k), torch.zeros_like(v)))
     assert not torch.equal(wrong, gathered), "the step's own k/v were not used"
+
+
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_outputs_do_not_depend_on_the_threads(threads: int) -> None:
+    """Work items are handed out from a shared counter (``csrc/parallel.h``): whichever thread takes an item, and in
+    whatever order, each output is written by one item - the same bits as with one thread, for decode, prefill
+    (items handed out dearest first) and the bf16 linear kernels."""
+    from tierserve.kernels import cpu_ops
+
+    ops = cpu_ops()
+    assert ops is not None
+    q, k, v, cache, meta = _case(torch.bfloat16, [5, 300, 64, 17, 200, 1, 33], [(700, 700), (300, 44), (65, 1)])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(75, 576, generator=g).bfloat16()
+    wp = ops.pack_vnni((torch.randn(960, 576, generator=g) * 0.05).bfloat16())
+
+    def run() -> list[torch.Tensor]:
+        c = cache.clone()
+        outs = [CpuAttentionBackend(H, HKV, 64, BS).forward(q, k, v, c, meta), c,
+                ops.paged_prefill(q[meta.num_decode_tokens:], c, meta.prefill_block_tables, meta.prefill_query_start,
+                                  meta.prefill_seq_lens_t, 0.125, 32, None),
+                ops.linear_vnni(x, wp, None, 0, 0, 0)]
+        if ops.amx_available():
+            outs.append(ops.linear_amx(x, wp, None, 0))
+        return outs
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(threads)
+        for _ in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(one, run()))
+    finally:
+        torch.set_num_threads(before)

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "ts_silu.h"
 #include "vec.h"
 
@@ -168,75 +169,79 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t bs = KP * 2 * kLanes, ksteps = K / 32, kc = k_chunk ? std::min(k_chunk / 32, ksteps) : ksteps;
   const int64_t pairs = (NBLK + 1) / 2;
-  // Work items (row chunk, output pair), row chunks outermost: a thread's contiguous items walk all output pairs
-  // for one chunk of rows, which stays in its L2 (~256 KiB of x) while the weights stream past; without the chunks
+  // Work items (row chunk, output pair), row chunks outermost: the threads walk the output pairs for one chunk of
+  // rows, which stays in their L2 (~256 KiB of x) while the weights stream past; without the chunks
   // a large prefill's x (MBs) came back from L3 once per output pair (1.1-1.5x slower per shape at 2048 rows, ad hoc
   // timings, min of 20 calls). Packing the chunk's rows as whole tiles, or prefetching them, measured no faster.
   const int64_t mc = std::max<int64_t>(32, (256 * 1024 / (2 * K)) / 32 * 32);
   const int64_t mchunks = (Mp + mc - 1) / mc;
   const bool stream = Mp <= 64;
-  at::parallel_for(0, mchunks * pairs, 1, [&](int64_t ib, int64_t ie) {
+  // Items handed out one at a time (tierserve_par::dynamic_for): split in two fixed shares, 2048 rows in 224-row
+  // chunks gave one thread 1120 rows and the other 928.
+  tierserve_par::dynamic_for(mchunks * pairs, 1, [&](auto each) {
     configure_tiles(tile_rows);
     alignas(64) float c[32 * 32];
     alignas(64) float part[32 * 32];
     std::vector<float> parts(tree ? 8 * 32 * 32 : 0);  // the tree's chunk sums
-    for (int64_t item = ib; item < ie; ++item) {
-      const int64_t p = item % pairs, m_begin = item / pairs * mc, m_end = std::min(Mp, m_begin + mc);
-      const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, NBLK - b0);
-      const at::BFloat16* wb = w + b0 * bs;
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
-        const int64_t mb = Mp - m0 > 16 ? 2 : 1;
-        const at::BFloat16* xb = xp + m0 * K;
-        const int64_t rows = std::min<int64_t>(32, M - m0);
-        int64_t nparts = 0;
-        for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
-          const int64_t s1 = std::min(ksteps, s0 + kc);
-          float* dst = tree ? parts.data() + (nparts++) * 32 * 32 : (s0 ? part : c);
-          auto block = [&](auto streaming) {
-            constexpr bool S = decltype(streaming)::value;
-            if (mb == 2 && nb == 2) amx_block<2, 2, S>(xb, K, wb, bs, s0, s1, dst);
-            else if (mb == 2) amx_block<2, 1, S>(xb, K, wb, bs, s0, s1, dst);
-            else if (nb == 2) amx_block<1, 2, S>(xb, K, wb, bs, s0, s1, dst);
-            else amx_block<1, 1, S>(xb, K, wb, bs, s0, s1, dst);
-          };
-          if (stream) block(std::true_type{});
-          else block(std::false_type{});
-          if (s0 && !tree)
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
-                _mm512_store_ps(c + r * 32 + j, _mm512_add_ps(_mm512_load_ps(c + r * 32 + j),
-                                                              _mm512_load_ps(part + r * 32 + j)));
-        }
-        if (tree) {  // pairwise: parts[i] += parts[i + h] at strides 1, 2, 4 -> c
-          for (int64_t h = 1; h < nparts; h *= 2)
-            for (int64_t i = 0; i + h < nparts; i += 2 * h) {
-              float* a = parts.data() + i * 32 * 32;
-              const float* b = parts.data() + (i + h) * 32 * 32;
+    each([&](int64_t ib, int64_t ie) {
+      for (int64_t item = ib; item < ie; ++item) {
+        const int64_t p = item % pairs, m_begin = item / pairs * mc, m_end = std::min(Mp, m_begin + mc);
+        const int64_t b0 = 2 * p, nb = std::min<int64_t>(2, NBLK - b0);
+        const at::BFloat16* wb = w + b0 * bs;
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
+          const int64_t mb = Mp - m0 > 16 ? 2 : 1;
+          const at::BFloat16* xb = xp + m0 * K;
+          const int64_t rows = std::min<int64_t>(32, M - m0);
+          int64_t nparts = 0;
+          for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
+            const int64_t s1 = std::min(ksteps, s0 + kc);
+            float* dst = tree ? parts.data() + (nparts++) * 32 * 32 : (s0 ? part : c);
+            auto block = [&](auto streaming) {
+              constexpr bool S = decltype(streaming)::value;
+              if (mb == 2 && nb == 2) amx_block<2, 2, S>(xb, K, wb, bs, s0, s1, dst);
+              else if (mb == 2) amx_block<2, 1, S>(xb, K, wb, bs, s0, s1, dst);
+              else if (nb == 2) amx_block<1, 2, S>(xb, K, wb, bs, s0, s1, dst);
+              else amx_block<1, 1, S>(xb, K, wb, bs, s0, s1, dst);
+            };
+            if (stream) block(std::true_type{});
+            else block(std::false_type{});
+            if (s0 && !tree)
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
-                  _mm512_storeu_ps(a + r * 32 + j, _mm512_add_ps(_mm512_loadu_ps(a + r * 32 + j),
-                                                                 _mm512_loadu_ps(b + r * 32 + j)));
+                  _mm512_store_ps(c + r * 32 + j, _mm512_add_ps(_mm512_load_ps(c + r * 32 + j),
+                                                                _mm512_load_ps(part + r * 32 + j)));
+          }
+          if (tree) {  // pairwise: parts[i] += parts[i + h] at strides 1, 2, 4 -> c
+            for (int64_t h = 1; h < nparts; h *= 2)
+              for (int64_t i = 0; i + h < nparts; i += 2 * h) {
+                float* a = parts.data() + i * 32 * 32;
+                const float* b = parts.data() + (i + h) * 32 * 32;
+                for (int64_t r = 0; r < rows; ++r)
+                  for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
+                    _mm512_storeu_ps(a + r * 32 + j, _mm512_add_ps(_mm512_loadu_ps(a + r * 32 + j),
+                                                                   _mm512_loadu_ps(b + r * 32 + j)));
+              }
+            std::memcpy(c, parts.data(), sizeof(c));
+          }
+          if (swiglu) {  // gate in c's first 16 columns, up in the next 16: each rounded to bf16 as its own linear
+            for (int64_t r = 0; r < rows; ++r) {
+              const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32)));
+              const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32 + 16)));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * NO + p * kLanes),
+                                  tierserve_vec::silu_mul16(g, u));
             }
-          std::memcpy(c, parts.data(), sizeof(c));
-        }
-        if (swiglu) {  // gate in c's first 16 columns, up in the next 16: each rounded to bf16 as its own linear
-          for (int64_t r = 0; r < rows; ++r) {
-            const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32)));
-            const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32 + 16)));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * NO + p * kLanes),
-                                tierserve_vec::silu_mul16(g, u));
+            continue;
           }
-          continue;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < nb; ++j) {
+              __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
+              if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + (b0 + j) * kLanes));
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * N + (b0 + j) * kLanes),
+                                  tierserve_vec::to_bf16(v));
+            }
         }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < nb; ++j) {
-            __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
-            if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + (b0 + j) * kLanes));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * N + (b0 + j) * kLanes),
-                                tierserve_vec::to_bf16(v));
-          }
       }
-    }
+    });
     _tile_release();
   });
   return y;

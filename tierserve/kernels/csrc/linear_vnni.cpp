@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -124,24 +125,26 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
   // (16 accumulators), so each group's weights (a few tens of KiB) come from memory once and from L1/L2 after.
   constexpr int64_t kGroup = 2;
   const int64_t groups = (NBLK + kGroup - 1) / kGroup;
-  at::parallel_for(0, groups, 1, [&](int64_t gb, int64_t ge) {
-    for (int64_t g = gb; g < ge; ++g) {
-      const int64_t b0 = g * kGroup, nb = std::min(kGroup, NBLK - b0);
-      const at::BFloat16* wg = w + b0 * block_elems;
-      const float* bg = bp ? bp + b0 * kLanes : nullptr;
-      for (int64_t m0 = 0; m0 < M;) {
-        // 8-row tiles that do not straddle the lead rows' end
-        const int64_t mend = m0 < lead ? lead : M, mr = std::min<int64_t>(8, mend - m0);
-        const int64_t kc = m0 < lead ? kc_lead : kc_rest;
-        at::BFloat16* yg = yp + m0 * N + b0 * kLanes;
-        if (nb == 2) {
-          rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
-        } else {
-          rows_tile<1>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
+  tierserve_par::dynamic_for(groups, 1, [&](auto each) {
+    each([&](int64_t gb, int64_t ge) {
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t b0 = g * kGroup, nb = std::min(kGroup, NBLK - b0);
+        const at::BFloat16* wg = w + b0 * block_elems;
+        const float* bg = bp ? bp + b0 * kLanes : nullptr;
+        for (int64_t m0 = 0; m0 < M;) {
+          // 8-row tiles that do not straddle the lead rows' end
+          const int64_t mend = m0 < lead ? lead : M, mr = std::min<int64_t>(8, mend - m0);
+          const int64_t kc = m0 < lead ? kc_lead : kc_rest;
+          at::BFloat16* yg = yp + m0 * N + b0 * kLanes;
+          if (nb == 2) {
+            rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
+          } else {
+            rows_tile<1>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
+          }
+          m0 += mr;
         }
-        m0 += mr;
       }
-    }
+    });
   });
 #else
   // Portable: the same order of accumulation (per output, chunks of k pairs, within a pair the odd feature first

@@ -28,6 +28,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "vec.h"
 
 namespace {
@@ -835,23 +836,27 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& cache, c
     const scalar_t* kp = cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t head_stride = NB * bs * D, v_off = Hkv * head_stride;
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    // (sequence, kv head) items handed out a sequence at a time (sequences differ in length; within a chunk the
+    // next item's keys are prefetched)
+    tierserve_par::dynamic_for(B * Hkv, Hkv, [&](auto each) {
       std::vector<float> scratch;
       std::vector<int64_t> limit(G);
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t b = w / Hkv, h = w % Hkv, ctx = sl[b];
-        std::fill(limit.begin(), limit.end(), ctx);
-        const Rows<scalar_t> rows{qp + (b * H + h * G) * D, H * D, G, D};
-        const Span<scalar_t> ks{kp + h * head_stride, bt + b * max_blocks, bs, bs * D};
-        const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + b * max_blocks, bs, bs * D};
-        if (w + 1 < end) {  // the next item's first keys, while this one computes
-          const int64_t b1 = (w + 1) / Hkv, h1 = (w + 1) % Hkv;
-          const Span<scalar_t> k1{kp + h1 * head_stride, bt + b1 * max_blocks, bs, bs * D};
-          k1.template prefetch<3>(0, std::min(bs, sl[b1]), D);
+      each([&](int64_t begin, int64_t end) {
+        for (int64_t w = begin; w < end; ++w) {
+          const int64_t b = w / Hkv, h = w % Hkv, ctx = sl[b];
+          std::fill(limit.begin(), limit.end(), ctx);
+          const Rows<scalar_t> rows{qp + (b * H + h * G) * D, H * D, G, D};
+          const Span<scalar_t> ks{kp + h * head_stride, bt + b * max_blocks, bs, bs * D};
+          const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + b * max_blocks, bs, bs * D};
+          if (w + 1 < end) {  // the next item's first keys, while this one computes
+            const int64_t b1 = (w + 1) / Hkv, h1 = (w + 1) % Hkv;
+            const Span<scalar_t> k1{kp + h1 * head_stride, bt + b1 * max_blocks, bs, bs * D};
+            k1.template prefetch<3>(0, std::min(bs, sl[b1]), D);
+          }
+          attend<scalar_t>(rows, G, limit.data(), ks, vs, ctx, ctx, 0, 1, static_cast<float>(scale),
+                           op + (b * H + h * G) * D, H * D, scratch);
         }
-        attend<scalar_t>(rows, G, limit.data(), ks, vs, ctx, ctx, 0, 1, static_cast<float>(scale),
-                         op + (b * H + h * G) * D, H * D, scratch);
-      }
+      });
     });
   });
   return out;
@@ -899,29 +904,34 @@ torch::Tensor paged_prefill(const torch::Tensor& q, const torch::Tensor& cache, 
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t head_stride = NB * bs * D, v_off = Hkv * head_stride;
     const int64_t n_items = static_cast<int64_t>(tiles.size()) * Hkv;
-    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    // handed out dearest first (a prompt's last tiles see the most keys; the cheap first tiles fill in at the end),
+    // one at a time: split in two fixed shares, a single prompt gave one thread 1/4 of the work and the other 3/4
+    tierserve_par::dynamic_for(n_items, 1, [&](auto each) {
       std::vector<float> scratch;
       std::vector<int64_t> limit;
-      for (int64_t w = begin; w < end; ++w) {
-        const auto [p, i0] = tiles[w / Hkv];
-        const int64_t h = w % Hkv;
-        const int64_t qlen = qs[p + 1] - qs[p], n_tok = std::min(tile, qlen - i0);
-        const int64_t first_pos = sl[p] - qlen + i0;  // position of the tile's first token
-        const int64_t ctx = first_pos + n_tok;
-        limit.resize(n_tok * G);
-        for (int64_t r = 0; r < n_tok * G; ++r) limit[r] = first_pos + r / G + 1;
-        const int64_t tok = qs[p] + i0;
-        const Rows<scalar_t> rows{qp + (tok * H + h * G) * D, H * D, G, D};
-        const Span<scalar_t> ks{kp + h * head_stride, bt + p * max_blocks, bs, bs * D};
-        const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + p * max_blocks, bs, bs * D};
-        // transformers' SDPA call for the prompt: its last query block takes the gemv order if it has 1-3 rows
-        const int64_t L = rl[p], qsplit = L >= 768 ? 256 : (L >= 192 ? 64 : 32);
-        const int64_t last_block = (L - 1) / qsplit * qsplit, gemv_pos = L - last_block <= 3 ? last_block : L;
-        const int64_t gemv_from = std::clamp<int64_t>(gemv_pos - first_pos, 0, n_tok) * G;
-        attend<scalar_t>(rows, n_tok * G, limit.data(), ks, vs, ctx, L, gemv_from, L - last_block,
-                         static_cast<float>(scale),
-                         op + (tok * H + h * G) * D, H * D, scratch);
-      }
+      each([&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t w = n_items - 1 - item;
+          const auto [p, i0] = tiles[w / Hkv];
+          const int64_t h = w % Hkv;
+          const int64_t qlen = qs[p + 1] - qs[p], n_tok = std::min(tile, qlen - i0);
+          const int64_t first_pos = sl[p] - qlen + i0;  // position of the tile's first token
+          const int64_t ctx = first_pos + n_tok;
+          limit.resize(n_tok * G);
+          for (int64_t r = 0; r < n_tok * G; ++r) limit[r] = first_pos + r / G + 1;
+          const int64_t tok = qs[p] + i0;
+          const Rows<scalar_t> rows{qp + (tok * H + h * G) * D, H * D, G, D};
+          const Span<scalar_t> ks{kp + h * head_stride, bt + p * max_blocks, bs, bs * D};
+          const Span<scalar_t> vs{kp + v_off + h * head_stride, bt + p * max_blocks, bs, bs * D};
+          // transformers' SDPA call for the prompt: its last query block takes the gemv order if it has 1-3 rows
+          const int64_t L = rl[p], qsplit = L >= 768 ? 256 : (L >= 192 ? 64 : 32);
+          const int64_t last_block = (L - 1) / qsplit * qsplit, gemv_pos = L - last_block <= 3 ? last_block : L;
+          const int64_t gemv_from = std::clamp<int64_t>(gemv_pos - first_pos, 0, n_tok) * G;
+          attend<scalar_t>(rows, n_tok * G, limit.data(), ks, vs, ctx, L, gemv_from, L - last_block,
+                           static_cast<float>(scale),
+                           op + (tok * H + h * G) * D, H * D, scratch);
+        }
+      });
     });
   });
   return out;
