@@ -152,6 +152,36 @@ def test_linear_amx_is_bit_identical_to_torch(m: int, n: int, k: int) -> None:
 
 
 @pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("m", [5, 37, 300])
+def test_linear_amx_writes_rows_and_parts_of_a_larger_result_in_place(m: int) -> None:
+    """``out``: each call writes its own rows / output columns of one result (what the model does for a step whose
+    rows or fused parts need different K chunks) - the same bits as separate calls, nothing outside its view touched;
+    a view of the wrong shape or with strided columns is refused."""
+    n, k = 960, 576
+    x = torch.randn(m, k, generator=_g()).bfloat16()
+    wp = ops.pack_vnni((torch.randn(n, k, generator=_g(1)) * 0.05).bfloat16())
+    b = torch.randn(n, generator=_g(2)).bfloat16()
+    big = torch.full((m + 3, n + 64), 7.0, dtype=torch.bfloat16)
+    r0 = m // 2
+    for rows, chunk in ((slice(0, r0), 0), (slice(r0, m), 288)):  # row segments, the second split in parts
+        if chunk == 0:
+            ret = ops.linear_amx(x[rows], wp, b, chunk, False, big[1:, 32:32 + n][rows])
+            assert ret.data_ptr() == big[1:, 32:][rows].data_ptr()
+            continue
+        for lo, hi in ((0, 576), (576, 960)):
+            ops.linear_amx(x[rows], wp[lo // 16:hi // 16], b[lo:hi], chunk, False, big[1:, 32 + lo:32 + hi][rows])
+    assert torch.equal(big[1:m + 1, 32:32 + n][:r0], ops.linear_amx(x[:r0], wp, b, 0))
+    assert torch.equal(big[1:m + 1, 32:32 + n][r0:], ops.linear_amx(x[r0:], wp, b, 288))
+    untouched = torch.ones_like(big, dtype=torch.bool)
+    untouched[1:m + 1, 32:32 + n] = False
+    assert bool((big[untouched] == 7.0).all())
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.linear_amx(x, wp, None, 0, False, big[:m, :n - 16])
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.linear_amx(x, wp, None, 0, False, big[:m, : 2 * n : 2])
+
+
+@pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 200, 600])
 @pytest.mark.parametrize("k_chunk", [0, 288, -192])
 def test_linear_amx_swiglu_epilogue_equals_silu_mul_of_the_projection(m: int, k_chunk: int) -> None:

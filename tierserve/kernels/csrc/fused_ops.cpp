@@ -327,7 +327,7 @@ torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache
 torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
                           int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk);
 torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                         int64_t k_chunk, bool swiglu);  // linear_amx.cpp
+                         int64_t k_chunk, bool swiglu, const c10::optional<torch::Tensor>& out);  // linear_amx.cpp
 
 // Every decoder layer of a decode-only bf16 step in one call: the same kernels, in the same order and with the same
 // rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a Python round trip (and a GIL hand-over)
@@ -360,7 +360,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     // the projections on AMX tiles where the caller asks (same packed weights, same K chunks)
     auto linear = [amx](const torch::Tensor& in, const torch::Tensor& wp, const c10::optional<torch::Tensor>& b,
                         int64_t k_chunk) {
-      return amx ? linear_amx(in, wp, b, k_chunk, false) : linear_vnni(in, wp, b, k_chunk, 0, 0);
+      return amx ? linear_amx(in, wp, b, k_chunk, false, c10::nullopt) : linear_vnni(in, wp, b, k_chunk, 0, 0);
     };
     torch::Tensor h = rms_norm(x, delta, w[0], eps);
     torch::Tensor qkv = linear(h, w[1], bias, chunk(0));
@@ -371,7 +371,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     h = rms_norm(x, delta, w[3], eps);
     // on AMX the gate/up weight comes interleaved (gate and up block i side by side) and SiLU-and-multiply is the
     // projection's epilogue
-    torch::Tensor act = amx ? linear_amx(h, w[4], c10::nullopt, chunk(2), true)
+    torch::Tensor act = amx ? linear_amx(h, w[4], c10::nullopt, chunk(2), true, c10::nullopt)
                             : silu_mul(linear(h, w[4], c10::nullopt, chunk(2)));
     delta = linear(act, w[5], c10::nullopt, chunk(3));
   }

@@ -130,8 +130,11 @@ bool amx_available() {
 // chunks of that many features, each from zero, the chunk sums then added in order (a GEMM library's K blocking);
 // a negative k_chunk: chunks of -k_chunk features whose sums are added as a pairwise tree, ((c0 + c1) + (c2 + c3))
 // (a K split between threads whose parts are reduced pairwise; at most 8 chunks).
+//
+// out: where to write y (a [M, N] bf16 view with unit column stride, any row stride: rows or columns of a larger
+// result, so that callers splitting a linear by rows or by output parts need no concatenation); y itself is returned.
 torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                         int64_t k_chunk, bool swiglu) {
+                         int64_t k_chunk, bool swiglu, const c10::optional<torch::Tensor>& out) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_amx: x must be [M, K] bf16");
   TORCH_CHECK(wp.dim() == 4 && wp.size(2) == kLanes && wp.size(3) == 2 && wp.is_contiguous() &&
                   wp.scalar_type() == at::kBFloat16,
@@ -150,13 +153,29 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
   TORCH_CHECK(!swiglu || (NBLK % 2 == 0 && !(bias.has_value() && bias->defined())),
               "linear_amx: swiglu needs whole (gate, up) block pairs and no bias");
   const int64_t NO = swiglu ? N / 2 : N;  // output columns
-  auto y = torch::empty({M, NO}, x.options());
+  torch::Tensor y;
+  if (out.has_value() && out->defined()) {
+    TORCH_CHECK(out->dim() == 2 && out->size(0) == M && out->size(1) == NO && out->scalar_type() == at::kBFloat16 &&
+                    out->stride(1) == 1 && out->stride(0) >= NO,
+                "linear_amx: out must be a [", M, ", ", NO, "] bf16 view with unit column stride");
+    y = *out;
+  } else {
+    y = torch::empty({M, NO}, x.options());
+  }
+  const int64_t ldy = y.stride(0);
   if (M == 0) return y;
-  // rows padded to whole 16-row tiles with zeros (fewer than 16: one short tile)
+  // rows in whole 16-row tiles (fewer than 16: one short tile); the last 32-row block, if the rows end inside it,
+  // is read from a zero-padded copy of its rows (copying all of x to pad it cost a copy per call)
   const int tile_rows = static_cast<int>(std::min<int64_t>(M, 16));
   const int64_t Mp = M < 16 ? M : (M + 15) / 16 * 16;
-  torch::Tensor xc = x.contiguous();
-  if (Mp != M) xc = torch::constant_pad_nd(xc, {0, 0, 0, Mp - M});
+  const torch::Tensor xc = x.contiguous();
+  const int64_t m_last = (Mp - 1) / 32 * 32;
+  torch::Tensor tail;
+  if (Mp != M) {
+    tail = torch::zeros({Mp - m_last, K}, x.options());
+    tail.narrow(0, 0, M - m_last).copy_(xc.narrow(0, m_last, M - m_last));
+  }
+  const at::BFloat16* tp = Mp != M ? tail.data_ptr<at::BFloat16>() : nullptr;
   torch::Tensor bf;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -190,7 +209,7 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
         const at::BFloat16* wb = w + b0 * bs;
         for (int64_t m0 = m_begin; m0 < m_end; m0 += 32) {
           const int64_t mb = Mp - m0 > 16 ? 2 : 1;
-          const at::BFloat16* xb = xp + m0 * K;
+          const at::BFloat16* xb = tp && m0 == m_last ? tp : xp + m0 * K;
           const int64_t rows = std::min<int64_t>(32, M - m0);
           int64_t nparts = 0;
           for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
@@ -227,7 +246,7 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
             for (int64_t r = 0; r < rows; ++r) {
               const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32)));
               const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32 + 16)));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * NO + p * kLanes),
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * ldy + p * kLanes),
                                   tierserve_vec::silu_mul16(g, u));
             }
             continue;
@@ -236,7 +255,7 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
             for (int64_t j = 0; j < nb; ++j) {
               __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
               if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + (b0 + j) * kLanes));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * N + (b0 + j) * kLanes),
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * ldy + (b0 + j) * kLanes),
                                   tierserve_vec::to_bf16(v));
             }
         }
@@ -253,7 +272,8 @@ void register_linear_amx(pybind11::module& m) {
   m.def("amx_available", &amx_available, "whether this build has AMX kernels and the OS granted the tile state");
   m.def("linear_amx", &linear_amx,
         "x @ w.T (+ bias) on AMX tiles from a pack_vnni weight, bf16; K (a multiple of 32) summed in order; swiglu: "
-        "w is a gate/up weight with its blocks interleaved, and the result is silu(gate) * up [M, N / 2]",
+        "w is a gate/up weight with its blocks interleaved, and the result is silu(gate) * up [M, N / 2]; out: a view to "
+        "write the result into (unit column stride, any row stride)",
         pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("k_chunk") = 0,
-        pybind11::arg("swiglu") = false, release());
+        pybind11::arg("swiglu") = false, pybind11::arg("out") = pybind11::none(), release());
 }

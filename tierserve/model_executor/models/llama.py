@@ -312,21 +312,23 @@ class LlamaForCausalLM(nn.Module):
                         calls.append((first, rows, c))
                 plans[(parts, k)] = calls
 
-            def call(x: torch.Tensor, c: tuple[int, ...]) -> torch.Tensor:
+            if len(calls) == 1 and len(set(calls[0][2])) == 1:
+                return ops.linear_amx(h, wp, b, calls[0][2][0], swiglu)
+            # several calls, each writing its rows / output parts of one result in place (no concatenation)
+            y = h.new_empty(h.shape[0], wp.shape[0] * 16 // (2 if swiglu else 1))
+            for first, rows, c in calls:
+                x, out = h[first:first + rows], y[first:first + rows]
                 if len(set(c)) == 1:
-                    return ops.linear_amx(x, wp, b, c[0], swiglu)
+                    ops.linear_amx(x, wp, b, c[0], swiglu, out)
+                    continue
                 if swiglu:  # gate and up have one shape, so one K split; an interleaved weight cannot be cut in parts
                     raise RuntimeError(f"linear_amx: gate and up asked for different K chunks {c}")
-                outs, off = [], 0
+                off = 0
                 for n, cn in zip(parts, c):
-                    outs.append(ops.linear_amx(x, wp[off // 16:(off + n) // 16], None if b is None else b[off:off + n],
-                                               cn))
+                    ops.linear_amx(x, wp[off // 16:(off + n) // 16], None if b is None else b[off:off + n], cn, False,
+                                   out[:, off:off + n])
                     off += n
-                return torch.cat(outs, dim=1)
-
-            if len(calls) == 1:
-                return call(h, calls[0][2])
-            return torch.cat([call(h[f:f + r], c) for f, r, c in calls])
+            return y
 
         def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                    one_row_rows: int = meta.num_decode_tokens) -> torch.Tensor:
