@@ -9,6 +9,7 @@ decodes one token) and the prefill/mixed steps' total per run, the median of the
 other), and whether the two builds gave the same tokens.
 
     .venv/bin/python scripts/kernel_build_ab.py 2e34dbf4750d69e3 --rounds 4
+    .venv/bin/python scripts/kernel_build_ab.py 2e34dbf4750d69e3 --rounds 4 --per-step
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--per-step", action="store_true",
+                   help="swap the builds every engine step instead of every run (adjacent steps are compared, so a "
+                        "machine whose speed drifts over seconds cancels out); prints medians of adjacent-step ratios")
     args = p.parse_args()
 
     from tierserve import LLM, SamplingParams
@@ -54,7 +58,13 @@ def main() -> int:
     steps: list[tuple[bool, float]] = []
     execute = runner.execute
 
+    alternate: list[str] = []  # --per-step: the build order of this run's steps (step i takes alternate[i % 2])
+    which: list[str] = []
+
     def timed(sched: Any) -> Any:
+        if alternate:
+            which.append(alternate[len(steps) % 2])
+            use(builds[which[-1]])
         t = time.perf_counter()
         out = execute(sched)
         decode = all(s.num_new_tokens == 1 and s.request.num_computed_tokens > 0 for s in sched.scheduled)
@@ -68,6 +78,9 @@ def main() -> int:
         use(mod)
         llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     print(f"this tree: {build_dir().name}, other: {args.other}")
+    if args.per_step:
+        return per_step(args.rounds, builds, alternate, which, steps, lambda: llm.generate(prompts, sp, use_tqdm=False),
+                        use, mine)
     res: dict[str, list[tuple[float, float, float]]] = {name: [] for name in builds}
     tokens: dict[str, list[list[int]]] = {}
     for r in range(args.rounds):
@@ -91,6 +104,43 @@ def main() -> int:
         print(f"{what}: this tree / other, median of rounds {statistics.median(ratios):.3f} "
               f"({ratios[0]:.3f}-{ratios[-1]:.3f})")
     return 0 if tokens["this tree"] == tokens["other"] else 1
+
+
+def per_step(rounds: int, builds: dict[str, ModuleType], alternate: list[str], which: list[str],
+             steps: list[tuple[bool, float]], generate: Any, use: Any, mine: ModuleType) -> int:
+    """Runs whose steps alternate between the builds (which goes first alternates per round). A decode step is
+    compared with the decode step just before it (the other build's; both see nearly the same batch); the prefill and
+    mixed steps of a run are summed per build, and the rounds swap which build gets which of them."""
+    use(mine)
+    ref = [list(o.outputs[0].token_ids) for o in generate()]  # this tree alone: the tokens to match
+    decode_ratios: list[float] = []
+    prefill: dict[str, float] = {name: 0.0 for name in builds}
+    same = True
+    for r in range(rounds):
+        alternate[:] = list(builds) if r % 2 == 0 else list(reversed(builds))
+        which.clear()
+        steps.clear()
+        outs = generate()
+        same = same and [list(o.outputs[0].token_ids) for o in outs] == ref
+        for i in range(1, len(steps)):
+            (d0, t0), (d1, t1) = steps[i - 1], steps[i]
+            if d0 and d1:
+                mine_t, other_t = (t1, t0) if which[i] == "this tree" else (t0, t1)
+                decode_ratios.append(mine_t / other_t)
+        for (is_decode, t), name in zip(steps, which):
+            if not is_decode:
+                prefill[name] += t
+        print(f"round {r}: {len(steps)} steps, decode ratio median so far {statistics.median(decode_ratios):.3f}",
+              flush=True)
+    alternate.clear()
+    use(mine)
+    print(f"same tokens: {same}")
+    q = statistics.quantiles(decode_ratios, n=4)
+    print(f"decode step: this tree / other, median of {len(decode_ratios)} adjacent pairs {statistics.median(decode_ratios):.3f} "
+          f"(quartiles {q[0]:.3f}-{q[2]:.3f})")
+    print(f"prefill/mixed steps: this tree {prefill['this tree']:.2f} s, other {prefill['other']:.2f} s, "
+          f"ratio {prefill['this tree'] / prefill['other']:.3f}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

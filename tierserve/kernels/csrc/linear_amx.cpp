@@ -83,9 +83,13 @@ constexpr int64_t kWeightPrefetchSteps = 4;
 // decode-sized call, <= 64 rows), so the block prefetches its weight tiles a few K steps ahead - 0.76-0.96x the time
 // of 30 layers' projections from DRAM at 1 and 16 rows, 0.92-1.01x at 64, bit-identical (ad hoc, interleaved builds);
 // at 256 and 2048 rows, where the weights come back from L2 for every row chunk, it cost 2-3% and is off.
-template <int MB, int NB, bool Stream>
+//
+// side(): called once per K step after its tile instructions are issued - the previous block's epilogue, a few rows
+// at a time, so its vector work (bf16 conversion; SwiGLU's exp and division) runs while the tile unit computes
+// instead of between blocks.
+template <int MB, int NB, bool Stream, typename Side>
 inline void amx_block(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t bs, int64_t s0, int64_t s1,
-                      float* c) {
+                      float* c, Side&& side) {
   _tile_zero(0);
   if constexpr (NB > 1) _tile_zero(1);
   if constexpr (MB > 1) _tile_zero(2);
@@ -97,8 +101,13 @@ inline void amx_block(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp,
       if constexpr (NB > 1)
         for (int l = 0; l < 1024; l += 64) _mm_prefetch(ahead + bs * 2 + l, _MM_HINT_T0);
     }
-    _tile_loadd(4, x + s * 32, xs * 2);
-    if constexpr (MB > 1) _tile_loadd(5, x + 16 * xs + s * 32, xs * 2);
+    if constexpr (Stream) {
+      _tile_loadd(4, x + s * 32, xs * 2);
+      if constexpr (MB > 1) _tile_loadd(5, x + 16 * xs + s * 32, xs * 2);
+    } else {  // x rows pass once per output pair: loaded with the non-temporal hint, so the pair's weights stay in L1
+      _tile_stream_loadd(4, x + s * 32, xs * 2);
+      if constexpr (MB > 1) _tile_stream_loadd(5, x + 16 * xs + s * 32, xs * 2);
+    }
     _tile_loadd(6, wp + s * 16 * 2 * kLanes, 64);
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (MB > 1) _tile_dpbf16ps(2, 5, 6);
@@ -107,6 +116,7 @@ inline void amx_block(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp,
       _tile_dpbf16ps(1, 4, 7);
       if constexpr (MB > 1) _tile_dpbf16ps(3, 5, 7);
     }
+    side();
   }
   _tile_stored(0, c, 32 * 4);
   if constexpr (NB > 1) _tile_stored(1, c + 16, 32 * 4);
@@ -192,16 +202,47 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
   // rows, which stays in their L2 (~256 KiB of x) while the weights stream past; without the chunks
   // a large prefill's x (MBs) came back from L3 once per output pair (1.1-1.5x slower per shape at 2048 rows, ad hoc
   // timings, min of 20 calls). Packing the chunk's rows as whole tiles, or prefetching them, measured no faster.
-  const int64_t mc = std::max<int64_t>(32, (256 * 1024 / (2 * K)) / 32 * 32);
+  const int64_t mc = std::max<int64_t>(32, (512 * 1024 / (2 * K)) / 32 * 32);
   const int64_t mchunks = (Mp + mc - 1) / mc;
   const bool stream = Mp <= 64;
   // Items handed out one at a time (tierserve_par::dynamic_for): split in two fixed shares, 2048 rows in 224-row
   // chunks gave one thread 1120 rows and the other 928.
-  tierserve_par::dynamic_for(mchunks * pairs, 1, [&](auto each) {
+  // A SwiGLU pair writes 16 bf16 columns, half a cache line: pairs go out two at a time so that one thread writes
+  // both halves of each output line (alternate pairs on the two threads had both writing every line).
+  tierserve_par::dynamic_for(mchunks * pairs, swiglu && pairs % 2 == 0 ? 2 : 1, [&](auto each) {
     configure_tiles(tile_rows);
-    alignas(64) float c[32 * 32];
+    alignas(64) float cbuf[2][32 * 32];
     alignas(64) float part[32 * 32];
     std::vector<float> parts(tree ? 8 * 32 * 32 : 0);  // the tree's chunk sums
+    // The block whose sums wait in cbuf for their epilogue (rows [done, rows) still to write), done a few rows per K
+    // step of the next block (amx_block's side) and the rest, if any, before that block's sums overwrite anything.
+    struct Pending {
+      const float* c = nullptr;
+      int64_t m0 = 0, rows = 0, done = 0, p = 0, b0 = 0, nb = 0, per_step = 1;
+    } pend;
+    auto epilogue = [&](int64_t r1) {
+      const float* c = pend.c;
+      for (int64_t r = pend.done; r < r1; ++r) {
+        if (swiglu) {  // gate in c's first 16 columns, up in the next 16: each rounded to bf16 as its own linear
+          const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32)));
+          const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32 + 16)));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (pend.m0 + r) * ldy + pend.p * kLanes),
+                              tierserve_vec::silu_mul16(g, u));
+          continue;
+        }
+        for (int64_t j = 0; j < pend.nb; ++j) {
+          __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
+          if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + (pend.b0 + j) * kLanes));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (pend.m0 + r) * ldy + (pend.b0 + j) * kLanes),
+                              tierserve_vec::to_bf16(v));
+        }
+      }
+      pend.done = r1;
+    };
+    auto side = [&] {
+      if (pend.done < pend.rows) epilogue(std::min(pend.rows, pend.done + pend.per_step));
+    };
+    int cur = 0;
     each([&](int64_t ib, int64_t ie) {
       for (int64_t item = ib; item < ie; ++item) {
         const int64_t p = item % pairs, m_begin = item / pairs * mc, m_end = std::min(Mp, m_begin + mc);
@@ -211,19 +252,27 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
           const int64_t mb = Mp - m0 > 16 ? 2 : 1;
           const at::BFloat16* xb = tp && m0 == m_last ? tp : xp + m0 * K;
           const int64_t rows = std::min<int64_t>(32, M - m0);
+          float* c = cbuf[cur];
           int64_t nparts = 0;
           for (int64_t s0 = 0; s0 < ksteps; s0 += kc) {
             const int64_t s1 = std::min(ksteps, s0 + kc);
             float* dst = tree ? parts.data() + (nparts++) * 32 * 32 : (s0 ? part : c);
-            auto block = [&](auto streaming) {
+            auto block = [&](auto streaming, auto&& sd) {
               constexpr bool S = decltype(streaming)::value;
-              if (mb == 2 && nb == 2) amx_block<2, 2, S>(xb, K, wb, bs, s0, s1, dst);
-              else if (mb == 2) amx_block<2, 1, S>(xb, K, wb, bs, s0, s1, dst);
-              else if (nb == 2) amx_block<1, 2, S>(xb, K, wb, bs, s0, s1, dst);
-              else amx_block<1, 1, S>(xb, K, wb, bs, s0, s1, dst);
+              if (mb == 2 && nb == 2) amx_block<2, 2, S>(xb, K, wb, bs, s0, s1, dst, sd);
+              else if (mb == 2) amx_block<2, 1, S>(xb, K, wb, bs, s0, s1, dst, sd);
+              else if (nb == 2) amx_block<1, 2, S>(xb, K, wb, bs, s0, s1, dst, sd);
+              else amx_block<1, 1, S>(xb, K, wb, bs, s0, s1, dst, sd);
             };
-            if (stream) block(std::true_type{});
-            else block(std::false_type{});
+            auto none = [] {};
+            if (swiglu) {
+              if (stream) block(std::true_type{}, side);
+              else block(std::false_type{}, side);
+            } else if (stream) {
+              block(std::true_type{}, none);
+            } else {
+              block(std::false_type{}, none);
+            }
             if (s0 && !tree)
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t j = 0; j < 2 * kLanes; j += kLanes)
@@ -240,27 +289,16 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
                     _mm512_storeu_ps(a + r * 32 + j, _mm512_add_ps(_mm512_loadu_ps(a + r * 32 + j),
                                                                    _mm512_loadu_ps(b + r * 32 + j)));
               }
-            std::memcpy(c, parts.data(), sizeof(c));
+            std::memcpy(c, parts.data(), 32 * 32 * sizeof(float));
           }
-          if (swiglu) {  // gate in c's first 16 columns, up in the next 16: each rounded to bf16 as its own linear
-            for (int64_t r = 0; r < rows; ++r) {
-              const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32)));
-              const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(_mm512_load_ps(c + r * 32 + 16)));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * ldy + p * kLanes),
-                                  tierserve_vec::silu_mul16(g, u));
-            }
-            continue;
-          }
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < nb; ++j) {
-              __m512 v = _mm512_load_ps(c + r * 32 + 16 * j);
-              if (bp) v = _mm512_add_ps(v, _mm512_loadu_ps(bp + (b0 + j) * kLanes));
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(yp + (m0 + r) * ldy + (b0 + j) * kLanes),
-                                  tierserve_vec::to_bf16(v));
-            }
+          epilogue(pend.rows);  // what the K steps did not finish of the previous block
+          pend = Pending{c, m0, rows, 0, p, b0, nb, (rows + ksteps - 1) / ksteps};
+          cur ^= 1;
+          if (!swiglu) epilogue(rows);
         }
       }
     });
+    epilogue(pend.rows);
     _tile_release();
   });
   return y;
