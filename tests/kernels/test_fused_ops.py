@@ -184,12 +184,15 @@ def test_linear_amx_writes_rows_and_parts_of_a_larger_result_in_place(m: int) ->
 @pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 200, 600])
 @pytest.mark.parametrize("k_chunk", [0, 288, -192])
-def test_linear_amx_swiglu_epilogue_equals_silu_mul_of_the_projection(m: int, k_chunk: int) -> None:
+@pytest.mark.parametrize("inter", [320, 336])
+def test_linear_amx_swiglu_epilogue_equals_silu_mul_of_the_projection(m: int, k_chunk: int, inter: int) -> None:
     """With the gate/up weight interleaved, linear_amx's SwiGLU epilogue gives silu(gate) * up bit for bit as
-    silu_mul over the plain projection does - and that is F.silu(gate) * up of transformers' separate linears."""
+    silu_mul over the plain projection does - and that is F.silu(gate) * up of transformers' separate linears.
+    (An even number of (gate, up) pairs goes out to the threads two at a time, an odd one singly; each block's
+    epilogue runs during the next block's K steps, the last one's at the end.)"""
     from tierserve.model_executor.models.llama import interleave_gate_up
 
-    inter, k = 320, 576
+    k = 576
     x = torch.randn(m, k, generator=_g()).bfloat16() * 3  # wide enough that silu meets large and negative inputs
     w = (torch.randn(2 * inter, k, generator=_g(1)) * 0.05).bfloat16()
     wp = ops.pack_vnni(w)
@@ -201,6 +204,27 @@ def test_linear_amx_swiglu_epilogue_equals_silu_mul_of_the_projection(m: int, k_
         assert torch.equal(out, ref)
     with pytest.raises(RuntimeError, match="no bias"):
         ops.linear_amx(x, wp, torch.zeros(2 * inter).bfloat16(), 0, True)
+
+
+@pytest.mark.skipif(not (ops is not None and ops.amx_available()), reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_linear_amx_does_not_depend_on_the_threads(swiglu: bool) -> None:
+    """Blocks are handed out from a shared counter and a block's epilogue may run on whichever thread computed it,
+    during its next block: the result is the same with any number of threads."""
+    from tierserve.model_executor.models.llama import interleave_gate_up
+
+    x = torch.randn(700, 576, generator=_g()).bfloat16() * 3
+    wp = ops.pack_vnni((torch.randn(2 * 336, 576, generator=_g(1)) * 0.05).bfloat16())
+    wp = interleave_gate_up(wp) if swiglu else wp
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            outs.append(ops.linear_amx(x, wp, None, 288, swiglu))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_linear_vnni_k_chunk_arguments() -> None:
