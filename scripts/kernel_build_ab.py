@@ -136,8 +136,8 @@ def per_step(rounds: int, builds: dict[str, ModuleType], alternate: list[str], w
     use(mine)
     print(f"same tokens: {same}")
     q = statistics.quantiles(decode_ratios, n=4)
-    print(f"decode step: this tree / other, median of {len(decode_ratios)} adjacent pairs {statistics.median(decode_ratios):.3f} "
-          f"(quartiles {q[0]:.3f}-{q[2]:.3f})")
+    print(f"decode step: this tree / other, median of {len(decode_ratios)} adjacent pairs "
+          f"{statistics.median(decode_ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})")
     print(f"prefill/mixed steps: this tree {prefill['this tree']:.2f} s, other {prefill['other']:.2f} s, "
           f"ratio {prefill['this tree'] / prefill['other']:.3f}")
     return 0 if same else 1

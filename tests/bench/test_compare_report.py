@@ -105,3 +105,30 @@ def test_offline_table() -> None:
 def test_plots_are_written(tmp_path: Path) -> None:
     assert plot_serve(serve_data(), tmp_path / "c.png").stat().st_size > 1000
     assert plot_offline(offline_data(), tmp_path / "o.png").stat().st_size > 1000
+
+
+def test_offline_rounds_take_the_median_of_the_per_round_ratios() -> None:
+    """`bench compare --offline --repeats N`: per engine the median over rounds, and as ratio the median of each
+    round's own ratio (a round's two engines ran minutes apart; a slow phase of the machine slows both)."""
+    from tierserve.bench.compare import aggregate_offline_rounds
+
+    def entry(peer: str, tps: float, status: str = "ok") -> dict[str, Any]:
+        if status != "ok":
+            return {"peer": peer, "status": status, "error": "exited with code 1"}
+        return {"peer": peer, "status": "ok", "output_throughput": tps, "total_token_throughput": 3 * tps,
+                "output_throughput_runs": [tps], "dtype": "bfloat16", "load_s": 1.0}
+
+    rounds = [[entry("tierserve", 600), entry("vllm", 500)],
+              [entry("vllm", 700), entry("tierserve", 560)],
+              [entry("tierserve", 640), entry("vllm", 520)],
+              [entry("tierserve", 900), entry("vllm", 0, "crashed")]]
+    peers = {p["peer"]: p for p in aggregate_offline_rounds(rounds)}
+    assert peers["tierserve"]["output_throughput"] == 620.0  # median of 600, 560, 640, 900
+    assert peers["vllm"]["output_throughput"] == 520.0
+    assert peers["vllm"]["round_ratios"] == [600 / 500, 560 / 700, 640 / 520]  # the crashed round has no ratio
+    data = {**offline_data(), "peers": list(peers.values()), "rounds": rounds}
+    md = offline_markdown(data)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| vllm"))
+    assert "| 1.20 (1.20, 0.80, 1.23) |" in row
+    assert "4 interleaved rounds of 3 runs" in md
+    assert aggregate_offline_rounds(rounds[:1]) == rounds[0]

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -36,7 +37,7 @@ from tierserve.bench.peers.report import (
     plot_serve,
     serve_markdown,
 )
-from tierserve.bench.peers.rounds import aggregate_rounds, drift, drift_markdown, load_run
+from tierserve.bench.peers.rounds import BASELINE, aggregate_rounds, drift, drift_markdown, load_run
 from tierserve.bench.peers.serving import (
     DEFAULT_PEERS,
     CompareConfig,
@@ -89,28 +90,71 @@ def run_offline(cfg: CompareConfig, spec: OfflineSpec, timeout_s: float) -> dict
     data: dict[str, Any] = {"kind": "offline", "cpu": cpu_description(), "started_at": time.strftime("%FT%T%z"),
                             "settings": asdict(spec), "peers": []}
     settings = cfg.settings()
+    ready: list[Peer] = []
     for name in cfg.peers:
         peer, reason = prepare(name, settings, cfg.install)
         if peer is not None and peer.offline_command(spec_path, out_dir / "unused.json") is None:
             data["peers"].append({"peer": peer.name, "status": "skipped",
                                   "error": "no offline batch API (measured in served mode only)"})
-            continue
-        if peer is None or reason is not None:
+        elif peer is None or reason is not None:
             data["peers"].append({"peer": name, "status": "unavailable", "error": reason})
-            continue
-        data["peers"].append(offline_with_retries(peer, cfg, spec_path, timeout_s))
-        _write(data, out_dir, "offline", offline_markdown, plot_offline)
+        else:
+            ready.append(peer)
+    absent = list(data["peers"])
+    # With --repeats N the engines run interleaved, the order reversed every other round (A B, B A, A B, ...), so
+    # that a machine whose speed drifts over minutes slows both alike; the ratio is the median of the rounds' ratios.
+    rounds: list[list[dict[str, Any]]] = []
+    for k in range(cfg.repeats):
+        round_dir = out_dir if cfg.repeats == 1 else out_dir / f"round{k + 1}"
+        entries: list[dict[str, Any]] = []
+        rounds.append(entries)
+        for peer in ready if k % 2 == 0 else list(reversed(ready)):
+            if cfg.repeats > 1:
+                print(f"round {k + 1}/{cfg.repeats}: {peer.name}", file=sys.stderr, flush=True)
+            entries.append(offline_with_retries(peer, cfg, spec_path, timeout_s, round_dir))
+            if cfg.repeats > 1:
+                data["rounds"] = rounds
+            data["peers"] = absent + aggregate_offline_rounds(rounds)
+            _write(data, out_dir, "offline", offline_markdown, plot_offline)
     return data
 
 
-def offline_with_retries(peer: Peer, cfg: CompareConfig, spec_path: Path, timeout_s: float) -> dict[str, Any]:
+def aggregate_offline_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per engine, one entry over the rounds: output and total tok/s the median of the rounds' medians, every run's
+    figure kept, and ``round_ratios`` - tierserve's output tok/s over the engine's, per round where both ran. A single
+    round is returned as is."""
+    if len(rounds) == 1:
+        return rounds[0]
+    names = list(dict.fromkeys(e["peer"] for r in rounds for e in r))
+    by_round = [{e["peer"]: e for e in r} for r in rounds]
+    out: list[dict[str, Any]] = []
+    for name in names:
+        entries = [r[name] for r in by_round if name in r]
+        ok = [e for e in entries if e["status"] == "ok"]
+        if not ok:
+            out.append(entries[-1])
+            continue
+        agg = dict(ok[-1])
+        agg["rounds"] = len(ok)
+        agg["round_output_throughput"] = [e["output_throughput"] for e in ok]
+        agg["output_throughput"] = statistics.median(agg["round_output_throughput"])
+        agg["total_token_throughput"] = statistics.median(e["total_token_throughput"] for e in ok)
+        agg["output_throughput_runs"] = [v for e in ok for v in e.get("output_throughput_runs", [])]
+        agg["round_ratios"] = [r[BASELINE]["output_throughput"] / r[name]["output_throughput"] for r in by_round
+                               if r.get(BASELINE, {}).get("status") == "ok" and r.get(name, {}).get("status") == "ok"]
+        out.append(agg)
+    return out
+
+
+def offline_with_retries(peer: Peer, cfg: CompareConfig, spec_path: Path, timeout_s: float,
+                         out_dir: Path | None = None) -> dict[str, Any]:
     """Run one engine's offline batch after an idle wait, again (``cfg.max_retries`` times at most) while other
     processes took more than ``OTHER_LOAD_WARN`` of the CPU; keeps the least disturbed attempt."""
     best: dict[str, Any] | None = None
     for attempt in range(1 + cfg.max_retries):
         idle = wait_for_idle(cfg.idle_min, timeout_s=cfg.idle_timeout_s)
         print(f"offline: {peer.name} ...", file=sys.stderr, flush=True)
-        entry = run_offline_peer(peer, spec_path, cfg.output_dir, cfg.threads, idle, timeout_s)
+        entry = run_offline_peer(peer, spec_path, out_dir or cfg.output_dir, cfg.threads, idle, timeout_s)
         other = (entry.get("cpu") or {}).get("other_load_frac", 0.0)
         print(f"offline: {peer.name}: {entry.get('output_throughput', entry.get('error'))} output tok/s, "
               f"other load {100 * other:.0f}%", file=sys.stderr, flush=True)
@@ -189,9 +233,9 @@ def register(sub: Any) -> None:
                    help="measure a level again (fresh prompts) while other processes took > 10%% of the CPU")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds a server may take to be healthy")
     p.add_argument("--repeats", type=int, default=1,
-                   help="served mode: rounds, the engines interleaved (A B C, A B C, ...); the table shows medians "
-                        "over rounds and, as ratio, the median of the per-round ratios (steadier on a shared "
-                        "machine; each round takes as long as a single run)")
+                   help="rounds, the engines interleaved (served: A B C, A B C, ...; offline: A B, B A, ...); the "
+                        "table shows medians over rounds and, as ratio, the median of the per-round ratios "
+                        "(steadier on a shared machine; each round takes as long as a single run)")
     o = p.add_argument_group("offline mode")
     o.add_argument("--offline", action="store_true", help="offline batch through each engine's LLM.generate")
     o.add_argument("--num-prompts", type=int, default=64)

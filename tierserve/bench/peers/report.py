@@ -6,6 +6,7 @@ throughput, worse for latency); tierserve's own row reads 1.00; "—" where eith
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +116,26 @@ def _load_notes(peers: list[dict[str, Any]], prefix: str = "") -> list[str]:
 
 def offline_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
+    rounds = len(data.get("rounds") or []) or 1
+    how = (f"median of {s['num_runs']} runs" if rounds == 1 else
+           f"{rounds} interleaved rounds of {s['num_runs']} runs: medians of the rounds' medians")
+    what = ("Ratio = tierserve ÷ engine" if rounds == 1 else
+            "Ratio = the median of the rounds' ratios (tierserve ÷ engine, each round's pair measured minutes "
+            "apart), the rounds' ratios in brackets")
     lines = [f"### Offline: {s['num_prompts']} prompts × {s['prompt_len']} tokens, {s['max_tokens']} new, greedy, "
-             f"EOS ignored; median of {s['num_runs']} runs; {s['threads']} threads",
-             "", f"CPU: {cpu_summary(data['cpu'])}. Model: {s['model']}. Ratio = tierserve ÷ engine.", "",
+             f"EOS ignored; {how}; {s['threads']} threads",
+             "", f"CPU: {cpu_summary(data['cpu'])}. Model: {s['model']}. {what}.", "",
              "| engine | output tok/s | total tok/s | tierserve ÷ engine | output tok/s per run | dtype | load (s) |",
              "|---|---:|---:|---:|---|---|---:|"]
     ok = [p for p in data["peers"] if p["status"] == "ok"]
     ours = next((p["output_throughput"] for p in ok if p["peer"] == BASELINE), None)
     for p in ok:
         runs = ", ".join(f"{v:.0f}" for v in p.get("output_throughput_runs", []))
+        rr = p.get("round_ratios")
+        r = (f"{statistics.median(rr):.2f} ({', '.join(f'{v:.2f}' for v in rr)})" if rr
+             else ratio(ours, p["output_throughput"]))
         lines.append(f"| {p['peer']} | {fmt(p['output_throughput'])} | {fmt(p['total_token_throughput'])} "
-                     f"| {ratio(ours, p['output_throughput'])} | {runs} | {p.get('dtype', '')} "
+                     f"| {r} | {runs} | {p.get('dtype', '')} "
                      f"| {fmt(p.get('load_s'))} |")
     lines += ["", *_engine_notes(data["peers"]), *_interference(_load_notes(data["peers"]))]
     return "\n".join(lines) + "\n"
