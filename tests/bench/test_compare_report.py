@@ -132,3 +132,4 @@ def test_offline_rounds_take_the_median_of_the_per_round_ratios() -> None:
     assert "| 1.20 (1.20, 0.80, 1.23) |" in row
     assert "4 interleaved rounds of 3 runs" in md
     assert aggregate_offline_rounds(rounds[:1]) == rounds[0]
+    assert next(ln for ln in md.splitlines() if ln.startswith("| tierserve")).split("|")[4].strip() == "1.00"

@@ -131,7 +131,7 @@ def offline_markdown(data: dict[str, Any]) -> str:
     ours = next((p["output_throughput"] for p in ok if p["peer"] == BASELINE), None)
     for p in ok:
         runs = ", ".join(f"{v:.0f}" for v in p.get("output_throughput_runs", []))
-        rr = p.get("round_ratios")
+        rr = p.get("round_ratios") if p["peer"] != BASELINE else None
         r = (f"{statistics.median(rr):.2f} ({', '.join(f'{v:.2f}' for v in rr)})" if rr
              else ratio(ours, p["output_throughput"]))
         lines.append(f"| {p['peer']} | {fmt(p['output_throughput'])} | {fmt(p['total_token_throughput'])} "
@@ -191,7 +191,8 @@ def plot_offline(data: dict[str, Any], path: Path) -> Path:
     bars = ax.bar(names, [p["output_throughput"] for p in ok],
                   color=["tab:blue" if n == BASELINE else "tab:gray" for n in names])
     ax.bar_label(bars, fmt="%.0f")
-    ax.set_ylabel("output tok/s (median)")
+    rounds = len(data.get("rounds") or [])
+    ax.set_ylabel("output tok/s (median)" if rounds < 2 else f"output tok/s (median of {rounds} interleaved rounds)")
     s = data["settings"]
     ax.set_title(f"offline {s['num_prompts']}×{s['prompt_len']} → {s['max_tokens']}, {s['threads']} threads\n"
                  f"{cpu_summary(data['cpu'])}", fontsize=9)
