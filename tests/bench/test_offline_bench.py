@@ -33,5 +33,8 @@ def test_throughput_json(tmp_path: Path) -> None:
     r = json.loads(out.read_text())
     reads = r["mem_read_gbps_reads"]
     assert len(reads) == 3 and r["peaks"]["mem_read_gbps"] == pytest.approx(sorted(reads)[1])
+    gemms = r["gemm_tflops_bf16_reads"]  # the GEMM peak is read again after each run too, and its median used
+    assert len(gemms) == 3 and all(g > 0 for g in gemms)
+    assert r["peaks"]["gemm_tflops_bf16"] == pytest.approx(sorted(gemms)[1])
     assert r["output_throughput"] == pytest.approx(3 * 4 / r["median_s"])
     assert r["roofline_fraction"] == pytest.approx(r["roofline_s"] / r["median_s"])

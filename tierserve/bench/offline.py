@@ -14,14 +14,18 @@ import sys
 import time
 from typing import Any
 
+import torch
+
 from tierserve.bench.roofline import (
     MachinePeaks,
     ModelCost,
     decode_bandwidth_roofline_s,
     measure_bandwidth,
+    measure_gemm,
     measure_peaks,
     offline_roofline_seconds,
     with_bandwidth_of,
+    with_gemm_of,
 )
 
 
@@ -52,6 +56,11 @@ def _bandwidth_text(reads: list[float]) -> str:
             f"{min(reads):.1f}-{max(reads):.1f})")
 
 
+def _gemm_text(reads: list[float]) -> str:
+    return (f"{statistics.median(reads):.3f} TFLOP/s bf16 (median of {len(reads)} reads: at start and after each "
+            f"run; {min(reads):.3f}-{max(reads):.3f})")
+
+
 def cmd_throughput(args: argparse.Namespace) -> int:
     llm = _llm(args)
     peaks = measure_peaks()
@@ -66,31 +75,34 @@ def cmd_throughput(args: argparse.Namespace) -> int:
                  use_tqdm=False)  # warm-up
     runs = []
     bandwidths = [peaks.mem_read_gbps]
+    gemms = [peaks.gemm_tflops_bf16]
     for i in range(args.runs):
         t = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=not args.json)
         runs.append(time.perf_counter() - t)
         bandwidths.append(measure_bandwidth(3))
+        gemms.append(measure_gemm(torch.bfloat16, reps=3))
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         if n_out != args.num_prompts * args.output_len:
             print(f"error: run {i} produced {n_out} tokens, expected {args.num_prompts * args.output_len}",
                   file=sys.stderr)
             return 1
     med = statistics.median(runs)
-    peaks = with_bandwidth_of(peaks, bandwidths)
+    peaks = with_gemm_of(with_bandwidth_of(peaks, bandwidths), gemms)
     n_out, n_in = args.num_prompts * args.output_len, args.num_prompts * args.input_len
     roof = offline_roofline_seconds(cost, peaks, dtype, args.num_prompts, args.input_len, args.output_len,
                                     eng.config.scheduler.max_num_seqs, eng.config.scheduler.max_num_batched_tokens)
     useful_flops = 2 * cost.linear_params * (n_in + n_out) + 2 * cost.head_params * n_out
     result = {**_header(llm, peaks), "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                                   "output_len": args.output_len},
-              "runs_s": runs, "mem_read_gbps_reads": bandwidths, "median_s": med, "output_throughput": n_out / med,
+              "runs_s": runs, "mem_read_gbps_reads": bandwidths, "gemm_tflops_bf16_reads": gemms, "median_s": med,
+              "output_throughput": n_out / med,
               "total_token_throughput": (n_in + n_out) / med, "roofline_s": roof,
               "roofline_output_throughput": n_out / roof, "roofline_fraction": roof / med,
               "mfu": useful_flops / med / (peaks.gemm_tflops_bf16 * 1e12)}
     _emit(args, result, [
         f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); measured GEMM peak "
-        f"{peaks.gemm_tflops_bf16:.3f} TFLOP/s bf16 / {peaks.gemm_tflops_fp32:.3f} fp32, read bandwidth "
+        f"{_gemm_text(gemms)} / {peaks.gemm_tflops_fp32:.3f} fp32 (at start), read bandwidth "
         f"{_bandwidth_text(bandwidths)}",
         f"{args.num_prompts} prompts x {args.input_len} tokens, {args.output_len} new: median {med:.2f} s over "
         f"{args.runs} runs ({', '.join(f'{r:.2f}' for r in runs)})",

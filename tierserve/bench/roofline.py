@@ -40,15 +40,17 @@ def _median_time(fn: object, reps: int) -> float:
     return statistics.median(times)
 
 
+def measure_gemm(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """TFLOP/s of an n³ GEMM in ``dtype``, median of ``reps`` after one warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e12
+
+
 def measure_peaks(n: int = 2048, reps: int = 5) -> MachinePeaks:
     """GEMM n³ in bf16 and fp32 and a streaming read of 1 GiB, medians of ``reps`` (after one warm-up)."""
-    out = {}
-    for dt in (torch.bfloat16, torch.float32):
-        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        a @ b
-        out[dt] = 2 * n**3 / _median_time(lambda a=a, b=b: a @ b, reps) / 1e12
-        del a, b
-    return MachinePeaks(out[torch.bfloat16], out[torch.float32], measure_bandwidth(reps), torch.get_num_threads())
+    return MachinePeaks(measure_gemm(torch.bfloat16, n, reps), measure_gemm(torch.float32, n, reps),
+                        measure_bandwidth(reps), torch.get_num_threads())
 
 
 def measure_bandwidth(reps: int = 5) -> float:
@@ -61,6 +63,14 @@ def measure_bandwidth(reps: int = 5) -> float:
     x.fill_(1.0)
     x.sum()
     return x.numel() * 4 / _median_time(x.sum, reps) / 1e9
+
+
+def with_gemm_of(peaks: MachinePeaks, reads: list[float]) -> MachinePeaks:
+    """``peaks`` with the median of ``reads`` (bf16 GEMM TFLOP/s, taken at start and after each timed run) as its
+    bf16 GEMM peak. On a shared machine the tile or vector units left to this process move with the neighbours (one
+    2-core Xeon read 0.80 and 2.15 TFLOP/s two minutes apart), so one reading at start can make the roofline of a
+    whole benchmark too tight or too loose."""
+    return replace(peaks, gemm_tflops_bf16=statistics.median(reads))
 
 
 def with_bandwidth_of(peaks: MachinePeaks, reads: list[float]) -> MachinePeaks:
