@@ -199,14 +199,15 @@ torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const 
   const int64_t bs = KP * 2 * kLanes, ksteps = K / 32, kc = k_chunk ? std::min(k_chunk / 32, ksteps) : ksteps;
   const int64_t pairs = (NBLK + 1) / 2;
   // Work items (row chunk, output pair), row chunks outermost: the threads walk the output pairs for one chunk of
-  // rows, which stays in their L2 (~256 KiB of x) while the weights stream past; without the chunks
+  // rows, which stays in their L2 (~512 KiB of x; ~256 KiB before x's tiles took the non-temporal hint) while the
+  // weights stream past; without the chunks
   // a large prefill's x (MBs) came back from L3 once per output pair (1.1-1.5x slower per shape at 2048 rows, ad hoc
   // timings, min of 20 calls). Packing the chunk's rows as whole tiles, or prefetching them, measured no faster.
   const int64_t mc = std::max<int64_t>(32, (512 * 1024 / (2 * K)) / 32 * 32);
   const int64_t mchunks = (Mp + mc - 1) / mc;
   const bool stream = Mp <= 64;
-  // Items handed out one at a time (tierserve_par::dynamic_for): split in two fixed shares, 2048 rows in 224-row
-  // chunks gave one thread 1120 rows and the other 928.
+  // Items handed out from a shared counter (tierserve_par::dynamic_for): split in two fixed shares, 2048 rows in
+  // 224-row chunks gave one thread 1120 rows and the other 928.
   // A SwiGLU pair writes 16 bf16 columns, half a cache line: pairs go out two at a time so that one thread writes
   // both halves of each output line (alternate pairs on the two threads had both writing every line).
   tierserve_par::dynamic_for(mchunks * pairs, swiglu && pairs % 2 == 0 ? 2 : 1, [&](auto each) {
