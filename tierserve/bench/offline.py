@@ -51,14 +51,10 @@ def _header(llm: Any, peaks: MachinePeaks) -> dict[str, Any]:
             "model": llm.engine.model_config.name, "peaks": peaks.to_json()}
 
 
-def _bandwidth_text(reads: list[float]) -> str:
-    return (f"{statistics.median(reads):.1f} GB/s (median of {len(reads)} reads: at start and after each run; "
-            f"{min(reads):.1f}-{max(reads):.1f})")
-
-
-def _gemm_text(reads: list[float]) -> str:
-    return (f"{statistics.median(reads):.3f} TFLOP/s bf16 (median of {len(reads)} reads: at start and after each "
-            f"run; {min(reads):.3f}-{max(reads):.3f})")
+def _reads_text(reads: list[float], unit: str = "GB/s", digits: int = 1) -> str:
+    """A figure read at start and after each run: the median, how many reads and their range."""
+    return (f"{statistics.median(reads):.{digits}f} {unit} (median of {len(reads)} reads: at start and after each "
+            f"run; {min(reads):.{digits}f}-{max(reads):.{digits}f})")
 
 
 def cmd_throughput(args: argparse.Namespace) -> int:
@@ -102,8 +98,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
               "mfu": useful_flops / med / (peaks.gemm_tflops_bf16 * 1e12)}
     _emit(args, result, [
         f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); measured GEMM peak "
-        f"{_gemm_text(gemms)} / {peaks.gemm_tflops_fp32:.3f} fp32 (at start), read bandwidth "
-        f"{_bandwidth_text(bandwidths)}",
+        f"{_reads_text(gemms, 'TFLOP/s bf16', 3)} / {peaks.gemm_tflops_fp32:.3f} fp32 (at start), read bandwidth "
+        f"{_reads_text(bandwidths)}",
         f"{args.num_prompts} prompts x {args.input_len} tokens, {args.output_len} new: median {med:.2f} s over "
         f"{args.runs} runs ({', '.join(f'{r:.2f}' for r in runs)})",
         f"output {n_out / med:.1f} tok/s, total {(n_in + n_out) / med:.1f} tok/s",
@@ -150,7 +146,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
               "runs": {"ttft_s": ttfts, "tpot_s": tpots, "mem_read_gbps": bandwidths}}
     _emit(args, result, [
         f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); read bandwidth "
-        f"{_bandwidth_text(bandwidths)}",
+        f"{_reads_text(bandwidths)}",
         f"one stream, {args.input_len}-token prompt, {args.output_len} new, median of {args.runs}: "
         f"TTFT {result['ttft_s'] * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms ({1 / tpot:.1f} tok/s)",
         f"bandwidth roofline: {cost.weight_bytes / 1e6:.0f} MB of weights per token -> {roof * 1e3:.2f} ms; "
