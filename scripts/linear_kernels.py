@@ -1,8 +1,10 @@
-"""Time the bf16 linear kernels side by side on the default model's projection shapes (a diagnostic, not a benchmark
+"""Time the linear kernels side by side on the default model's projection shapes (a diagnostic, not a benchmark
 of the engine): torch's F.linear, oneDNN with a prepacked weight, linear_vnni (AVX-512-BF16) and, where the CPU has
-AMX, linear_amx - the median of --reps calls each, in one process, with the threads the engine would use.
+AMX, linear_amx - the median of --reps calls each, in one process, with the threads the engine would use. On a CPU
+without native bf16 (the engine computes in float32 there), or with --float32: torch's F.linear (MKL) against
+linear_f32 (AVX2), with the ratio.
 
-    .venv/bin/python scripts/linear_kernels.py [--rows 1,16,64,512] [--reps 50]
+    .venv/bin/python scripts/linear_kernels.py [--rows 1,16,64,512] [--reps 50] [--float32]
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,16,64,512", help="comma-separated row counts (default: 1,16,64,512)")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per kernel and shape (default: 50)")
+    ap.add_argument("--float32", action="store_true", help="float32 kernels (default without native bf16)")
     args = ap.parse_args()
     ops = cpu_ops()
+    if ops is not None and (args.float32 or not getattr(ops, "has_avx512_bf16", False)):
+        float32(ops, args)
+        return
     if ops is None or not getattr(ops, "has_avx512_bf16", False):
         raise SystemExit("needs the native kernels built for a CPU with AVX-512-BF16")
     info = cpu_info()
@@ -61,6 +67,23 @@ def main() -> None:
                 fns.append(partial(ops.linear_amx, x, wp, None, 0))
             cells = " ".join(f"{median_us(fn, args.reps):>14.0f}" for fn in fns)
             print(f"{name + f' {n}x{k}':>16} {rows:>5} {cells}", flush=True)
+
+
+def float32(ops: object, args: argparse.Namespace) -> None:
+    if not getattr(ops, "has_avx2_fma", False):
+        raise SystemExit("linear_f32 needs the native kernels built for a CPU with AVX2 and FMA")
+    print(f"{cpu_info().model_name}, {torch.get_num_threads()} threads, float32; median us per call")
+    print(f"{'shape':>16} {'rows':>5} {'F.linear':>10} {'linear_f32':>10} {'ratio':>6}")
+    gen = torch.Generator().manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, generator=gen) * 0.05
+        wp = ops.pack_f32(w)  # type: ignore[attr-defined]
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, k, generator=gen)
+            reps = max(3, args.reps // 10) if name == "head" and rows > 64 else args.reps
+            ref = median_us(partial(F.linear, x, w), reps)
+            ours = median_us(partial(ops.linear_f32, x, wp), reps)  # type: ignore[attr-defined]
+            print(f"{name + f' {n}x{k}':>16} {rows:>5} {ref:>10.0f} {ours:>10.0f} {ours / ref:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -280,3 +280,51 @@ def test_argmax_rows_equals_torch_max_on_float32(dtype: torch.dtype, n: int) -> 
     assert torch.equal(ops.argmax_rows(x[::2]), x[::2].float().max(dim=-1).indices)  # a non-contiguous view
     with pytest.raises(RuntimeError, match="vocab > 0"):
         ops.argmax_rows(torch.empty(2, 0, dtype=dtype))
+
+
+@pytest.mark.parametrize("m", [0, 1, 2, 5, 6, 7, 13, 200, 400])
+@pytest.mark.parametrize("n,k", [(960, 576), (48, 1535), (16, 3)])
+def test_linear_f32_matches_float64_reference(m: int, n: int, k: int) -> None:
+    """The float32 linear of CPUs without native bf16: within float32 rounding of the exact product, with and without
+    bias; one row takes the two-block GEMV (an odd block count leaves one block alone), more rows the 6-row tiles
+    (a remainder takes a smaller tile; over 192 rows x is walked in slabs)."""
+    x = torch.randn(m, k, generator=_g())
+    w = torch.randn(n, k, generator=_g(1)) * 0.05
+    b = torch.randn(n, generator=_g(2))
+    wp = ops.pack_f32(w)
+    assert wp.shape == (n // 16, k, 16)
+    for bias in (None, b):
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double()).float()
+        out = ops.linear_f32(x, wp, bias)
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_linear_f32_rows_and_threads_do_not_change_a_result() -> None:
+    """Each output sums its k in order with one FMA per k, so a row's result is the same alone, in any batch, and
+    with any number of threads (the engine's outputs do not depend on what else is batched with a request)."""
+    x = torch.randn(37, 576, generator=_g())
+    wp = ops.pack_f32(torch.randn(3072 + 16, 576, generator=_g(1)) * 0.05)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(ops.linear_f32(x, wp))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for r in (0, 5, 36):
+        assert torch.equal(ops.linear_f32(x[r:r + 1], wp)[0], outs[0][r])
+
+
+def test_linear_f32_rejects_bad_arguments() -> None:
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.pack_f32(torch.randn(20, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.pack_f32(torch.randn(16, 8).bfloat16())
+    wp = ops.pack_f32(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="features"):
+        ops.linear_f32(torch.randn(2, 9), wp)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.linear_f32(torch.randn(2, 8), wp, torch.randn(31))

@@ -57,11 +57,19 @@ def _reads_text(reads: list[float], unit: str = "GB/s", digits: int = 1) -> str:
             f"run; {min(reads):.{digits}f}-{max(reads):.{digits}f})")
 
 
+def _other_peak(peaks: MachinePeaks, dtype: torch.dtype) -> str:
+    """The GEMM peak of the dtype the engine does not compute in, as read at start (none: bf16 not measured)."""
+    if dtype == torch.float32:
+        bf16 = peaks.gemm_tflops_bf16
+        return f" / {bf16:.3f} bf16 (at start)" if bf16 is not None else " (bf16: no native bf16 on this CPU)"
+    return f" / {peaks.gemm_tflops_fp32:.3f} float32 (at start)"
+
+
 def cmd_throughput(args: argparse.Namespace) -> int:
     llm = _llm(args)
-    peaks = measure_peaks()
     eng = llm.engine
     dtype = eng.dtype
+    peaks = measure_peaks(dtype=dtype)
     cost = ModelCost.of(eng.model_config, dtype)
     prompts = _prompts(args, args.num_prompts, args.input_len)
     from tierserve import SamplingParams
@@ -71,34 +79,34 @@ def cmd_throughput(args: argparse.Namespace) -> int:
                  use_tqdm=False)  # warm-up
     runs = []
     bandwidths = [peaks.mem_read_gbps]
-    gemms = [peaks.gemm_tflops_bf16]
+    gemms = [peaks.gemm_tflops(dtype)]  # the GEMM peak of the engine's compute dtype
     for i in range(args.runs):
         t = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=not args.json)
         runs.append(time.perf_counter() - t)
         bandwidths.append(measure_bandwidth(3))
-        gemms.append(measure_gemm(torch.bfloat16, reps=3))
+        gemms.append(measure_gemm(dtype, reps=3))
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         if n_out != args.num_prompts * args.output_len:
             print(f"error: run {i} produced {n_out} tokens, expected {args.num_prompts * args.output_len}",
                   file=sys.stderr)
             return 1
     med = statistics.median(runs)
-    peaks = with_gemm_of(with_bandwidth_of(peaks, bandwidths), gemms)
+    peaks = with_gemm_of(with_bandwidth_of(peaks, bandwidths), gemms, dtype)
     n_out, n_in = args.num_prompts * args.output_len, args.num_prompts * args.input_len
     roof = offline_roofline_seconds(cost, peaks, dtype, args.num_prompts, args.input_len, args.output_len,
                                     eng.config.scheduler.max_num_seqs, eng.config.scheduler.max_num_batched_tokens)
     useful_flops = 2 * cost.linear_params * (n_in + n_out) + 2 * cost.head_params * n_out
     result = {**_header(llm, peaks), "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                                   "output_len": args.output_len},
-              "runs_s": runs, "mem_read_gbps_reads": bandwidths, "gemm_tflops_bf16_reads": gemms, "median_s": med,
+              "runs_s": runs, "mem_read_gbps_reads": bandwidths, "gemm_tflops_reads": gemms, "median_s": med,
               "output_throughput": n_out / med,
               "total_token_throughput": (n_in + n_out) / med, "roofline_s": roof,
               "roofline_output_throughput": n_out / roof, "roofline_fraction": roof / med,
-              "mfu": useful_flops / med / (peaks.gemm_tflops_bf16 * 1e12)}
+              "mfu": useful_flops / med / (peaks.gemm_tflops(dtype) * 1e12)}
     _emit(args, result, [
         f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); measured GEMM peak "
-        f"{_reads_text(gemms, 'TFLOP/s bf16', 3)} / {peaks.gemm_tflops_fp32:.3f} fp32 (at start), read bandwidth "
+        f"{_reads_text(gemms, 'TFLOP/s ' + result['dtype'], 3)}{_other_peak(peaks, dtype)}, read bandwidth "
         f"{_reads_text(bandwidths)}",
         f"{args.num_prompts} prompts x {args.input_len} tokens, {args.output_len} new: median {med:.2f} s over "
         f"{args.runs} runs ({', '.join(f'{r:.2f}' for r in runs)})",
@@ -111,8 +119,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     llm = _llm(args)
-    peaks = measure_peaks()
     eng = llm.engine
+    peaks = measure_peaks(dtype=eng.dtype)
     cost = ModelCost.of(eng.model_config, eng.dtype)
     prompt = _prompts(args, 1, args.input_len)[0]
     from tierserve import SamplingParams

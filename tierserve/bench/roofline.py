@@ -19,13 +19,19 @@ from tierserve.utils.hugepages import host_buffer
 
 @dataclass
 class MachinePeaks:
-    gemm_tflops_bf16: float
+    gemm_tflops_bf16: float | None
+    """None where it was not measured: a CPU without native bf16 (no AMX, no AVX-512-BF16) runs a bf16 GEMM in
+    emulation at under 1 GFLOP/s (a 2048^3 GEMM took ~25 s on a Zen 3), and the engine computes in float32 there."""
     gemm_tflops_fp32: float
     mem_read_gbps: float
     threads: int
 
     def gemm_tflops(self, dtype: torch.dtype) -> float:
-        return self.gemm_tflops_fp32 if dtype == torch.float32 else self.gemm_tflops_bf16
+        if dtype == torch.float32:
+            return self.gemm_tflops_fp32
+        if self.gemm_tflops_bf16 is None:
+            raise ValueError("the bf16 GEMM peak was not measured (no native bf16 on this CPU)")
+        return self.gemm_tflops_bf16
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)
@@ -47,10 +53,13 @@ def measure_gemm(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e12
 
 
-def measure_peaks(n: int = 2048, reps: int = 5) -> MachinePeaks:
-    """GEMM n³ in bf16 and fp32 and a streaming read of 1 GiB, medians of ``reps`` (after one warm-up)."""
-    return MachinePeaks(measure_gemm(torch.bfloat16, n, reps), measure_gemm(torch.float32, n, reps),
-                        measure_bandwidth(reps), torch.get_num_threads())
+def measure_peaks(n: int = 2048, reps: int = 5, dtype: torch.dtype | None = None) -> MachinePeaks:
+    """GEMM n³ in bf16 and fp32 and a streaming read of 1 GiB, medians of ``reps`` (after one warm-up). The bf16 GEMM
+    only where the CPU has native bf16 or ``dtype`` (the engine's compute dtype) is bf16."""
+    from tierserve.utils.cpu import cpu_info
+
+    bf16 = measure_gemm(torch.bfloat16, n, reps) if cpu_info().native_bf16 or dtype == torch.bfloat16 else None
+    return MachinePeaks(bf16, measure_gemm(torch.float32, n, reps), measure_bandwidth(reps), torch.get_num_threads())
 
 
 def measure_bandwidth(reps: int = 5) -> float:
@@ -65,11 +74,13 @@ def measure_bandwidth(reps: int = 5) -> float:
     return x.numel() * 4 / _median_time(x.sum, reps) / 1e9
 
 
-def with_gemm_of(peaks: MachinePeaks, reads: list[float]) -> MachinePeaks:
-    """``peaks`` with the median of ``reads`` (bf16 GEMM TFLOP/s, taken at start and after each timed run) as its
-    bf16 GEMM peak. On a shared machine the tile or vector units left to this process move with the neighbours (one
-    2-core Xeon read 0.80 and 2.15 TFLOP/s two minutes apart), so one reading at start can make the roofline of a
-    whole benchmark too tight or too loose."""
+def with_gemm_of(peaks: MachinePeaks, reads: list[float], dtype: torch.dtype = torch.bfloat16) -> MachinePeaks:
+    """``peaks`` with the median of ``reads`` (``dtype`` GEMM TFLOP/s, taken at start and after each timed run) as
+    its GEMM peak in that dtype. On a shared machine the tile or vector units left to this process move with the
+    neighbours (one 2-core Xeon read 0.80 and 2.15 TFLOP/s two minutes apart), so one reading at start can make the
+    roofline of a whole benchmark too tight or too loose."""
+    if dtype == torch.float32:
+        return replace(peaks, gemm_tflops_fp32=statistics.median(reads))
     return replace(peaks, gemm_tflops_bf16=statistics.median(reads))
 
 

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 AMX_VNNI_MAX_ROWS = 32
 """On an AMX CPU whose kernel build lacks linear_amx: steps up to this many rows use linear_vnni, larger ones oneDNN's
 AMX GEMM (a fallback; with linear_amx every step runs on the tiles, see docs/architecture.md)."""
+F32_MAX_ROWS: int | None = 16
+"""float32 on an AVX2 CPU (no native bf16): steps up to this many rows use linear_f32, larger ones MKL's GEMM."""
 
 
 def _ref_len(s: ScheduledRequest) -> int:
@@ -115,8 +117,19 @@ class ModelRunner:
                 if self.model.vnni_max_rows is None:
                     freed = self.model.drop_plain_projections()
                     logger.info("released the %.0f MiB of unpacked projection weights", freed / 2**20)
+            elif ops is not None and dtype == torch.float32 and getattr(ops, "has_avx2_fma", False) and \
+                    self._f32_fits():
+                # no native bf16 here (float32 compute): projections through the packed AVX2 linear
+                extra = self.model.pack_f32_weights(ops)
+                self.model.f32_max_rows = F32_MAX_ROWS
+                logger.info("packed %.0f MiB of float32 weights for the native AVX2 linear (steps up to %s rows)",
+                            extra / 2**20, F32_MAX_ROWS)
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
+
+    def _f32_fits(self) -> bool:
+        """linear_f32 needs every projection's (and the head's) output width to be a multiple of 16."""
+        return all(w.shape[0] % 16 == 0 for w in self.model._projections())
 
     def _amx_fits(self) -> bool:
         """linear_amx needs every projection's (and the head's) input width to be a multiple of 32."""

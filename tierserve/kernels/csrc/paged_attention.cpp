@@ -948,11 +948,13 @@ torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache
 void register_fused_ops(pybind11::module& m);    // fused_ops.cpp
 void register_linear_vnni(pybind11::module& m);  // linear_vnni.cpp
 void register_linear_amx(pybind11::module& m);   // linear_amx.cpp
+void register_linear_f32(pybind11::module& m);   // linear_f32.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_fused_ops(m);
   register_linear_vnni(m);
   register_linear_amx(m);
+  register_linear_f32(m);
 #ifdef TS_AVX512_BF16
   m.attr("has_avx512_bf16") = true;
 #else

@@ -100,6 +100,11 @@ class LlamaForCausalLM(nn.Module):
     ``vnni`` copies (the same layout is the AMX weight tile), K summed in the chunks oneDNN uses for that row count."""
     swiglu: bool = False
     """The ``vnni`` gate/up copies are interleaved for ``linear_amx``'s SwiGLU epilogue (``pack_vnni_weights``)."""
+    f32: dict[int, torch.Tensor] | None = None
+    """On CPUs without native bf16 (AVX2 + FMA; the engine computes in float32 there): packed copies of the float32
+    projection and head weights (id(weight) -> packed) for the native ``linear_f32``, made by ``pack_f32_weights``."""
+    f32_max_rows: int | None = None
+    """Largest step (rows) that uses ``linear_f32``; larger ones take torch's F.linear (MKL). None for all."""
     packed: dict[int, torch.Tensor] | None = None
     """oneDNN-packed copies of the projection weights (id(weight) -> packed), made by ``pack_weights`` (AMX CPUs)."""
 
@@ -229,11 +234,24 @@ class LlamaForCausalLM(nn.Module):
         self._decode_args = None
         return arena.numel()
 
+    def pack_f32_weights(self, ops: ModuleType) -> int:
+        """Keep ``linear_f32`` copies of the float32 projection and head weights, in one huge-page arena in step
+        order (AVX2 CPUs, where MKL's float32 GEMV runs generic code on AMD CPUs). Returns the bytes held."""
+        from tierserve.utils.hugepages import move_to_arena
+
+        weights = self._projections()
+        packed = [ops.pack_f32(w.data) for w in weights]
+        arena = move_to_arena(packed)
+        self.f32 = {id(w): p for w, p in zip(weights, packed)}
+        return arena.numel() * arena.element_size()
+
     def drop_plain_projections(self) -> int:
-        """Once every projection goes through the ``vnni`` copies (``vnni_max_rows`` None: no oneDNN path), the plain
-        layer projection weights are never read again: release them (the embedding, which is also the tied LM head's
-        plain copy, the norms and the biases stay, re-laid in a fresh arena). Returns the bytes released."""
-        assert self.vnni is not None and self.vnni_max_rows is None
+        """Once every projection goes through the ``vnni`` (or ``f32``) copies (``vnni_max_rows`` / ``f32_max_rows``
+        None: no other path), the plain layer projection weights are never read again: release them (the embedding,
+        which is also the tied LM head's plain copy, the norms and the biases stay, re-laid in a fresh arena). Returns
+        the bytes released."""
+        assert (self.vnni is not None and self.vnni_max_rows is None) or (
+            self.f32 is not None and self.f32_max_rows is None)
         freed = 0
         for la in self._layers():
             for w in (la.qkv, la.o_proj, la.gate_up, la.down):
@@ -271,6 +289,7 @@ class LlamaForCausalLM(nn.Module):
         Rounding to the compute dtype happens at the same points, so results match the unfused path."""
         t = input_ids.shape[0]
         vnni = self.vnni if self.vnni and (self.vnni_max_rows is None or t <= self.vnni_max_rows) else None
+        f32 = self.f32 if self.f32 and (self.f32_max_rows is None or t <= self.f32_max_rows) else None
         packed = self.packed or {}
         pointwise = torch.ops.mkldnn._linear_pointwise if packed else None
         chunks = self.vnni_k_chunks or {}
@@ -337,6 +356,8 @@ class LlamaForCausalLM(nn.Module):
             if vnni is not None:
                 one, several = chunks.get(id(w), (0, 0))
                 return ops.linear_vnni(h, vnni[id(w)], b, several, one_row_rows, one)
+            if f32 is not None:
+                return ops.linear_f32(h, f32[id(w)], b)
             wp = packed.get(id(w))
             return F.linear(h, w, b) if wp is None or pointwise is None else pointwise(h, wp, b, "none", [], "")
 
