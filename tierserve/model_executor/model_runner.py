@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 AMX_VNNI_MAX_ROWS = 32
 """On an AMX CPU whose kernel build lacks linear_amx: steps up to this many rows use linear_vnni, larger ones oneDNN's
 AMX GEMM (a fallback; with linear_amx every step runs on the tiles, see docs/architecture.md)."""
-F32_MAX_ROWS: int | None = 16
-"""float32 on an AVX2 CPU (no native bf16): steps up to this many rows use linear_f32, larger ones MKL's GEMM."""
+F32_MAX_ROWS: int | None = None
+"""float32 on an AVX2 CPU (no native bf16): steps up to this many rows use linear_f32, larger ones MKL's GEMM (None:
+every step; on the Zen 3 measured linear_f32 took 0.22-0.62x MKL's time at 1-16 rows, 0.43-0.98x at 64, 0.78-1.01x at
+256 and 0.82-1.12x at 1024 - scripts/linear_kernels.py)."""
 
 
 def _ref_len(s: ScheduledRequest) -> int:
@@ -123,7 +125,10 @@ class ModelRunner:
                 extra = self.model.pack_f32_weights(ops)
                 self.model.f32_max_rows = F32_MAX_ROWS
                 logger.info("packed %.0f MiB of float32 weights for the native AVX2 linear (steps up to %s rows)",
-                            extra / 2**20, F32_MAX_ROWS)
+                            extra / 2**20, F32_MAX_ROWS or "any number of")
+                if F32_MAX_ROWS is None:
+                    freed = self.model.drop_plain_projections()
+                    logger.info("released the %.0f MiB of unpacked projection weights", freed / 2**20)
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB, %s); attention backend %s", self.num_blocks,
                     self.block_size, self.kv_bytes / 2**20, dtype, self.attention_backend)
 

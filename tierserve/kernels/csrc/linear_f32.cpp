@@ -26,28 +26,42 @@ namespace {
 constexpr int64_t kBlock = 16;
 
 #ifdef TS_AVX2_FMA
-// Rows [0, MR) of x (stride xs) against one 16-output block (wb: [K, 16]); 2 * MR accumulators of 8 lanes. Each
-// output sums its k in order with one FMA per k (the same order at any MR and any thread count).
-template <int MR>
-inline void tile(const float* x, int64_t xs, const float* wb, int64_t K, const float* bias, float* y, int64_t ys) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+// Six rows of x (xr[r]; rows past the call's mr repeat a valid row and are not stored) against one 16-output block
+// (wb: [K, 16]); 12 accumulators of 8 lanes, held in named registers (an accumulator array made GCC store all
+// twelve to the stack at every k, which halved the speed). Each output sums its k in order with one FMA per k (the
+// same order at any row count and any thread count).
+inline void tile6(const float* const* xr, int64_t mr, const float* wb, int64_t K, const float* bias, float* y,
+                  int64_t ys) {
+  const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3], *x4 = xr[4], *x5 = xr[5];
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   for (int64_t k = 0; k < K; ++k) {
     const __m256 w0 = _mm256_loadu_ps(wb + k * kBlock), w1 = _mm256_loadu_ps(wb + k * kBlock + 8);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * xs + k);
-      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
-    }
+    __m256 xb = _mm256_broadcast_ss(x0 + k);
+    a00 = _mm256_fmadd_ps(xb, w0, a00);
+    a01 = _mm256_fmadd_ps(xb, w1, a01);
+    xb = _mm256_broadcast_ss(x1 + k);
+    a10 = _mm256_fmadd_ps(xb, w0, a10);
+    a11 = _mm256_fmadd_ps(xb, w1, a11);
+    xb = _mm256_broadcast_ss(x2 + k);
+    a20 = _mm256_fmadd_ps(xb, w0, a20);
+    a21 = _mm256_fmadd_ps(xb, w1, a21);
+    xb = _mm256_broadcast_ss(x3 + k);
+    a30 = _mm256_fmadd_ps(xb, w0, a30);
+    a31 = _mm256_fmadd_ps(xb, w1, a31);
+    xb = _mm256_broadcast_ss(x4 + k);
+    a40 = _mm256_fmadd_ps(xb, w0, a40);
+    a41 = _mm256_fmadd_ps(xb, w1, a41);
+    xb = _mm256_broadcast_ss(x5 + k);
+    a50 = _mm256_fmadd_ps(xb, w0, a50);
+    a51 = _mm256_fmadd_ps(xb, w1, a51);
   }
-  for (int r = 0; r < MR; ++r) {
-    __m256 a0 = acc[r][0], a1 = acc[r][1];
-    if (bias) {
-      a0 = _mm256_add_ps(a0, _mm256_loadu_ps(bias));
-      a1 = _mm256_add_ps(a1, _mm256_loadu_ps(bias + 8));
-    }
-    _mm256_storeu_ps(y + r * ys, a0);
-    _mm256_storeu_ps(y + r * ys + 8, a1);
+  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int64_t r = 0; r < mr; ++r) {
+    _mm256_storeu_ps(y + r * ys, bias ? _mm256_add_ps(acc[r][0], b0) : acc[r][0]);
+    _mm256_storeu_ps(y + r * ys + 8, bias ? _mm256_add_ps(acc[r][1], b1) : acc[r][1]);
   }
 }
 
@@ -74,17 +88,6 @@ inline void tile_1x2(const float* x, const float* wb0, const float* wb1, int64_t
   _mm256_storeu_ps(y + 24, a3);
 }
 
-inline void rows_tile(int64_t mr, const float* x, int64_t xs, const float* wb, int64_t K, const float* bias, float* y,
-                      int64_t ys) {
-  switch (mr) {
-    case 1: tile<1>(x, xs, wb, K, bias, y, ys); break;
-    case 2: tile<2>(x, xs, wb, K, bias, y, ys); break;
-    case 3: tile<3>(x, xs, wb, K, bias, y, ys); break;
-    case 4: tile<4>(x, xs, wb, K, bias, y, ys); break;
-    case 5: tile<5>(x, xs, wb, K, bias, y, ys); break;
-    default: tile<6>(x, xs, wb, K, bias, y, ys); break;
-  }
-}
 #endif
 
 }  // namespace
@@ -131,7 +134,8 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
           if (b + 1 < NBLK) {
             tile_1x2(xp, w + b * block_elems, w + (b + 1) * block_elems, K, bb, yp + b * kBlock);
           } else {
-            tile<1>(xp, K, w + b * block_elems, K, bb, yp + b * kBlock, N);
+            const float* xr[6] = {xp, xp, xp, xp, xp, xp};
+            tile6(xr, 1, w + b * block_elems, K, bb, yp + b * kBlock, N);
           }
         }
       });
@@ -139,9 +143,9 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
     return y;
   }
   // One 16-output block per work item; within it all rows of x, 6 at a time, so the block's weights (K * 64 bytes)
-  // come from memory once and from L1/L2 for the later row tiles. Very tall x: rows in slabs so a slab of x stays in
-  // L2 while the blocks pass.
-  constexpr int64_t kSlab = 192;
+  // come from memory once and from L1/L2 for the later row tiles. Tall x: rows in slabs of ~256 KiB, so a slab of x
+  // stays in L2 (512 KiB per core on the Zen 3) while the blocks pass.
+  const int64_t kSlab = std::max<int64_t>(6, (256 * 1024 / (K * 4)) / 6 * 6);
   for (int64_t s0 = 0; s0 < M; s0 += kSlab) {
     const int64_t s1 = std::min(M, s0 + kSlab);
     tierserve_par::dynamic_for(NBLK, 1, [&](auto each) {
@@ -150,7 +154,10 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
           const float* wb = w + b * block_elems;
           const float* bb = bp ? bp + b * kBlock : nullptr;
           for (int64_t m0 = s0; m0 < s1; m0 += 6) {
-            rows_tile(std::min<int64_t>(6, s1 - m0), xp + m0 * K, K, wb, K, bb, yp + m0 * N + b * kBlock, N);
+            const int64_t mr = std::min<int64_t>(6, s1 - m0);
+            const float* xr[6];
+            for (int64_t r = 0; r < 6; ++r) xr[r] = xp + (m0 + std::min(r, mr - 1)) * K;
+            tile6(xr, mr, wb, K, bb, yp + m0 * N + b * kBlock, N);
           }
         }
       });
