@@ -1,10 +1,10 @@
 // float32 linear layers for CPUs without native bf16 (AVX2 + FMA: AMD Zen 2/3, older Xeons), where the engine computes
 // in float32. torch's F.linear goes to MKL there, and on AMD CPUs MKL runs its generic ("def") code for the GEMV of a
-// one-token decode step (~4x below the memory bandwidth on the Zen 3 measured) and repacks the weight on every call
-// of a small GEMM. Here the weights are packed once at load so that each block of 16 output features reads 16
-// contiguous floats per input feature: one ymm pair of weights serves every row of x (the row's input broadcast),
-// each output lane accumulates its own dot product in k order with FMA, and the weights stream from memory once
-// per call.
+// one-token decode step (a decode token took ~2.8x its bandwidth roofline on the Zen 3 measured) and repacks the
+// weight on every call of a small GEMM. Here the weights are packed once at load so that each block of 16 output
+// features reads 16 contiguous floats per input feature: one ymm pair of weights serves every row of x (the row's
+// input broadcast), each output lane accumulates its own dot product in k order with FMA, and the weights stream
+// from memory once per call.
 //
 // Packed layout: [N / 16, K, 16] float32.
 
