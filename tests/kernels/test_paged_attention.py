@@ -75,13 +75,17 @@ def test_blocks_larger_than_16_tokens(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_head_dim_without_bf16_fast_path() -> None:
-    """head_dim 48 is not a multiple of 32: the portable loops run, same answers."""
-    q, k, v, cache, meta = _case(torch.bfloat16, [30, 7], [(50, 20)], d=48)
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 48), (torch.float32, 48), (torch.float32, 96),
+                                     (torch.float32, 20)])
+def test_head_dims_off_the_fast_paths(dtype: torch.dtype, d: int) -> None:
+    """bf16 head_dim 48 is not a multiple of 32: the portable loops run. float32 (AVX2): 48 and 96 take the vector path
+    with a partial register set (96 = 64 + 32 features), 20 (not a multiple of 8) the portable loops. Same answers."""
+    q, k, v, cache, meta = _case(dtype, [30, 7, 130], [(50, 20), (200, 70)], d=d)
     ref_cache = cache.float().clone()
-    ref = TorchAttentionBackend(H, HKV, 48, BS).forward(q.float(), k.float(), v.float(), ref_cache, meta)
-    out = CpuAttentionBackend(H, HKV, 48, BS).forward(q, k, v, cache, meta)
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    ref = TorchAttentionBackend(H, HKV, d, BS).forward(q.float(), k.float(), v.float(), ref_cache, meta)
+    out = CpuAttentionBackend(H, HKV, d, BS).forward(q, k, v, cache, meta)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 def test_bad_lengths_raise_not_crash() -> None:

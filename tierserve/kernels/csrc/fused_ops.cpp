@@ -230,6 +230,17 @@ torch::Tensor silu_mul(const torch::Tensor& gu) {
           }
         }
 #endif
+#ifdef TS_AVX2_FMA
+        if constexpr (std::is_same_v<scalar_t, float>) {  // float32: g / (1 + exp(-g)) * u, 8 lanes at a time
+          for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(reinterpret_cast<const float*>(gr + i));
+            const __m256 e = tierserve_vec::exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            const __m256 sv = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+            _mm256_storeu_ps(reinterpret_cast<float*>(orow + i),
+                             _mm256_mul_ps(sv, _mm256_loadu_ps(reinterpret_cast<const float*>(ur + i))));
+          }
+        }
+#endif
         for (; i < I; ++i) {
           const float gv = f32(gr[i]);
           const float s = rnd<scalar_t>(gv / (1.f + std::exp(-gv)));

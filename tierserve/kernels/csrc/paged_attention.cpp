@@ -482,6 +482,140 @@ inline void write_unpermuted(const float* acc, float inv_z, int64_t d, uint16_t*
 }
 #endif
 
+#ifdef TS_AVX2_FMA
+// float32 with AVX2 + FMA (the compute dtype of CPUs without native bf16; everywhere for the exactness tests): the
+// same work item as attend below (its arguments' meanings), with a simpler order since no bf16 rounding is to be
+// matched: scores as dot products (8 keys at a time, each key's lanes summed by a horizontal-add tree), one softmax
+// over all of a row's visible keys (max, vector exp, sum), then p.V with the row's accumulators in registers, keys in
+// chunks that stay in L1 while every row passes over them. head_dim must be a multiple of 8.
+constexpr int64_t kF32KeyChunk = 64;
+
+// Scores of one query row against keys k + j * d for j < m (m <= 8), times scale, to o[0..m).
+inline void scores8_f32(const float* q, const float* k, int64_t m, int64_t d, float scale, float* o) {
+  const float* kr[8];
+  for (int64_t j = 0; j < 8; ++j) kr[j] = k + std::min<int64_t>(j, m - 1) * d;  // past m: repeat a valid key
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t i = 0; i < d; i += 8) {
+    const __m256 x = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[0] + i), a0);
+    a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[1] + i), a1);
+    a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[2] + i), a2);
+    a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[3] + i), a3);
+    a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[4] + i), a4);
+    a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[5] + i), a5);
+    a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[6] + i), a6);
+    a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(kr[7] + i), a7);
+  }
+  const __m256 s = _mm256_mul_ps(tierserve_vec::hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7), _mm256_set1_ps(scale));
+  if (m == 8) {
+    _mm256_storeu_ps(o, s);
+  } else {
+    _mm256_maskstore_ps(o, tierserve_vec::lanes_below(m), s);
+  }
+}
+
+// acc[0..8*NV) (+)= sum over keys t in [t0, t1) of p[t] * v(t)[f0 ..], v(t) a row of the value cache.
+template <int NV>
+inline void pv_f32(const float* p, const Span<float>& vs, int64_t t0, int64_t t1, int64_t d, int64_t f0, bool first,
+                   float* acc) {
+  __m256 a[NV];
+#pragma GCC unroll 16
+  for (int u = 0; u < NV; ++u) a[u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + 8 * u);
+  const int64_t bs = vs.block_size;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t n = std::min(bs - t % bs, t1 - t);
+    const float* v = vs.block(t) + (t % bs) * d + f0;
+    for (int64_t j = 0; j < n; ++j, v += d) {
+      const __m256 pj = _mm256_set1_ps(p[t + j]);
+#pragma GCC unroll 16
+      for (int u = 0; u < NV; ++u) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), a[u]);
+    }
+    t += n;
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < NV; ++u) _mm256_storeu_ps(acc + 8 * u, a[u]);
+}
+
+void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const Span<float>& ks, const Span<float>& vs,
+                int64_t ctx, float scale, float* out, int64_t out_tok_stride, std::vector<float>& scratch) {
+  const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
+  scratch.resize(static_cast<size_t>(nq * ctx + nq * d + 2 * nq));
+  float* sc = scratch.data();
+  float* acc = sc + nq * ctx;
+  float* inv_z = acc + nq * d;
+  auto first_row = [&](int64_t t) {  // first row that sees key t (limits are nondecreasing)
+    return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
+  };
+  // Pass 1: scores, a block of keys at a time (in L1) for every row that sees its first key.
+  for (int64_t t0 = 0; t0 < std::min(ctx, KEY_PREFETCH_BLOCKS * bs); t0 += bs) {
+    ks.template prefetch<3>(t0, std::min(bs, ctx - t0), d);
+  }
+  for (int64_t t0 = 0; t0 < ctx; t0 += bs) {
+    const int64_t n = std::min(bs, ctx - t0), r0 = first_row(t0);
+    if (r0 >= nq) break;
+    const int64_t ahead = t0 + KEY_PREFETCH_BLOCKS * bs;
+    if (ahead < ctx) ks.template prefetch<3>(ahead, std::min(bs, ctx - ahead), d);
+    vs.template prefetch<2>(t0, n, d);  // this block's values, into L2 for pass 3
+    const float* kb = ks.block(t0);
+    for (int64_t r = r0; r < nq; ++r) {
+      const int64_t seen = std::min(n, limit[r] - t0);  // keys of this block the row sees
+      for (int64_t j = 0; j < seen; j += 8) {
+        scores8_f32(qs.row(r), kb + j * d, std::min<int64_t>(8, seen - j), d, scale, sc + r * ctx + t0 + j);
+      }
+    }
+  }
+  // Pass 2: softmax numerators in place, 1 / sum per row.
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t r = 0; r < nq; ++r) {
+    float* s = sc + r * ctx;
+    const int64_t lim = std::min(limit[r], ctx);
+    __m256 mv = ninf;
+    for (int64_t t = 0; t < lim; t += 8) {
+      const __m256i k = tierserve_vec::lanes_below(lim - t);
+      mv = _mm256_max_ps(mv, _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + t, k), _mm256_castsi256_ps(k)));
+    }
+    mv = _mm256_max_ps(mv, _mm256_permute2f128_ps(mv, mv, 1));
+    mv = _mm256_max_ps(mv, _mm256_permute_ps(mv, 0x4E));
+    mv = _mm256_max_ps(mv, _mm256_permute_ps(mv, 0xB1));
+    __m256 zv = _mm256_setzero_ps();
+    for (int64_t t = 0; t < lim; t += 8) {
+      const __m256i k = tierserve_vec::lanes_below(lim - t);
+      const __m256 e = _mm256_and_ps(tierserve_vec::exp256(_mm256_sub_ps(_mm256_maskload_ps(s + t, k), mv)),
+                                     _mm256_castsi256_ps(k));
+      zv = _mm256_add_ps(zv, e);
+      _mm256_maskstore_ps(s + t, k, e);
+    }
+    inv_z[r] = 1.f / tierserve_vec::hsum(zv);
+  }
+  // Pass 3: p.V, kF32KeyChunk keys at a time for every row that sees them, 64 features per register set.
+  for (int64_t c0 = 0; c0 < ctx; c0 += kF32KeyChunk) {
+    const int64_t c1 = std::min(ctx, c0 + kF32KeyChunk);
+    for (int64_t r = first_row(c0); r < nq; ++r) {
+      const int64_t t1 = std::min(c1, limit[r]);
+      const float* p = sc + r * ctx;
+      for (int64_t f0 = 0; f0 < d; f0 += 64) {
+        float* a = acc + r * d + f0;
+        switch (std::min<int64_t>(64, d - f0) / 8) {
+          case 8: pv_f32<8>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          case 7: pv_f32<7>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          case 6: pv_f32<6>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          case 5: pv_f32<5>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          case 4: pv_f32<4>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          case 3: pv_f32<3>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          case 2: pv_f32<2>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+          default: pv_f32<1>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    float* o = out + (r / G) * out_tok_stride + (r % G) * d;
+    const __m256 z = _mm256_set1_ps(inv_z[r]);
+    for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(acc + r * d + i), z));
+  }
+}
+#endif
+
 // One work item: nq query rows against the first ctx keys of a sequence of kv_total keys (>= ctx: a prefill tile
 // sees the keys up to its last token); row r sees keys [0, limit[r]), limits nondecreasing in r; rows from gemv_from
 // on belong to a query block of gemv_block (1-3) rows in transformers' call (the gemv order above), the others to
@@ -491,6 +625,14 @@ template <typename T>
 void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& ks, const Span<T>& vs, int64_t ctx,
             int64_t kv_total, int64_t gemv_from, int64_t gemv_block, float scale, T* out, int64_t out_tok_stride,
             std::vector<float>& scratch) {
+#ifdef TS_AVX2_FMA
+  if constexpr (std::is_same_v<T, float>) {
+    if (qs.d % 8 == 0) {
+      attend_f32(qs, nq, limit, ks, vs, ctx, scale, out, out_tok_stride, scratch);
+      return;
+    }
+  }
+#endif
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
   const int64_t ctx_even = (ctx + 1) / 2 * 2;  // p rows in bf16 for pass 2 (even length: dword-aligned rows)
   scratch.resize(static_cast<size_t>(nq * d + nq * ctx + nq * d + d + 2 * nq + nq * ctx_even / 2));
