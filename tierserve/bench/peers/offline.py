@@ -83,7 +83,7 @@ def run_offline_peer(peer: Peer, spec_path: Path, out_dir: Path, threads: int, i
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=peer.offline_env(threads),
                                 start_new_session=True)
-        account = CpuAccount(proc.pid)
+        account = CpuAccount(proc.pid, watch_every=0.25)  # its workers die with it: read them as it runs
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
