@@ -26,13 +26,13 @@ namespace {
 constexpr int64_t kBlock = 16;
 
 #ifdef TS_AVX2_FMA
-// Six rows of x (xr[r]; rows past the call's mr repeat a valid row and are not stored) against one 16-output block
-// (wb: [K, 16]); 12 accumulators of 8 lanes, held in named registers (an accumulator array made GCC store all
-// twelve to the stack at every k, which halved the speed). Each output sums its k in order with one FMA per k (the
-// same order at any row count and any thread count).
-inline void tile6(const float* const* xr, int64_t mr, const float* wb, int64_t K, const float* bias, float* y,
-                  int64_t ys) {
-  const float *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3], *x4 = xr[4], *x5 = xr[5];
+// R (1-6) rows of x (xr[r]) against one 16-output block (wb: [K, 16]); up to 12 accumulators of 8 lanes, held in
+// named registers (an accumulator array made GCC store all twelve to the stack at every k, which halved the speed).
+// Each output sums its k in order with one FMA per k (the same order at any row count and any thread count).
+template <int R>
+inline void tile(const float* const* xr, const float* wb, int64_t K, const float* bias, float* y, int64_t ys) {
+  const float *x0 = xr[0], *x1 = xr[R > 1 ? 1 : 0], *x2 = xr[R > 2 ? 2 : 0], *x3 = xr[R > 3 ? 3 : 0],
+              *x4 = xr[R > 4 ? 4 : 0], *x5 = xr[R > 5 ? 5 : 0];
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
          a40 = a00, a41 = a00, a50 = a00, a51 = a00;
   for (int64_t k = 0; k < K; ++k) {
@@ -40,28 +40,53 @@ inline void tile6(const float* const* xr, int64_t mr, const float* wb, int64_t K
     __m256 xb = _mm256_broadcast_ss(x0 + k);
     a00 = _mm256_fmadd_ps(xb, w0, a00);
     a01 = _mm256_fmadd_ps(xb, w1, a01);
-    xb = _mm256_broadcast_ss(x1 + k);
-    a10 = _mm256_fmadd_ps(xb, w0, a10);
-    a11 = _mm256_fmadd_ps(xb, w1, a11);
-    xb = _mm256_broadcast_ss(x2 + k);
-    a20 = _mm256_fmadd_ps(xb, w0, a20);
-    a21 = _mm256_fmadd_ps(xb, w1, a21);
-    xb = _mm256_broadcast_ss(x3 + k);
-    a30 = _mm256_fmadd_ps(xb, w0, a30);
-    a31 = _mm256_fmadd_ps(xb, w1, a31);
-    xb = _mm256_broadcast_ss(x4 + k);
-    a40 = _mm256_fmadd_ps(xb, w0, a40);
-    a41 = _mm256_fmadd_ps(xb, w1, a41);
-    xb = _mm256_broadcast_ss(x5 + k);
-    a50 = _mm256_fmadd_ps(xb, w0, a50);
-    a51 = _mm256_fmadd_ps(xb, w1, a51);
+    if constexpr (R > 1) {
+      xb = _mm256_broadcast_ss(x1 + k);
+      a10 = _mm256_fmadd_ps(xb, w0, a10);
+      a11 = _mm256_fmadd_ps(xb, w1, a11);
+    }
+    if constexpr (R > 2) {
+      xb = _mm256_broadcast_ss(x2 + k);
+      a20 = _mm256_fmadd_ps(xb, w0, a20);
+      a21 = _mm256_fmadd_ps(xb, w1, a21);
+    }
+    if constexpr (R > 3) {
+      xb = _mm256_broadcast_ss(x3 + k);
+      a30 = _mm256_fmadd_ps(xb, w0, a30);
+      a31 = _mm256_fmadd_ps(xb, w1, a31);
+    }
+    if constexpr (R > 4) {
+      xb = _mm256_broadcast_ss(x4 + k);
+      a40 = _mm256_fmadd_ps(xb, w0, a40);
+      a41 = _mm256_fmadd_ps(xb, w1, a41);
+    }
+    if constexpr (R > 5) {
+      xb = _mm256_broadcast_ss(x5 + k);
+      a50 = _mm256_fmadd_ps(xb, w0, a50);
+      a51 = _mm256_fmadd_ps(xb, w1, a51);
+    }
   }
   const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
   const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
   const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-  for (int64_t r = 0; r < mr; ++r) {
+  for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(y + r * ys, bias ? _mm256_add_ps(acc[r][0], b0) : acc[r][0]);
     _mm256_storeu_ps(y + r * ys + 8, bias ? _mm256_add_ps(acc[r][1], b1) : acc[r][1]);
+  }
+}
+
+// Rows [m0, m0 + mr) (mr 1-6) of x against one block.
+inline void tile_rows(const float* x, int64_t m0, int64_t mr, const float* wb, int64_t K, const float* bias, float* y,
+                      int64_t ys) {
+  const float* xr[6];
+  for (int64_t r = 0; r < 6; ++r) xr[r] = x + (m0 + std::min(r, mr - 1)) * K;
+  switch (mr) {
+    case 6: tile<6>(xr, wb, K, bias, y, ys); break;
+    case 5: tile<5>(xr, wb, K, bias, y, ys); break;
+    case 4: tile<4>(xr, wb, K, bias, y, ys); break;
+    case 3: tile<3>(xr, wb, K, bias, y, ys); break;
+    case 2: tile<2>(xr, wb, K, bias, y, ys); break;
+    default: tile<1>(xr, wb, K, bias, y, ys); break;
   }
 }
 
@@ -134,15 +159,14 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
           if (b + 1 < NBLK) {
             tile_1x2(xp, w + b * block_elems, w + (b + 1) * block_elems, K, bb, yp + b * kBlock);
           } else {
-            const float* xr[6] = {xp, xp, xp, xp, xp, xp};
-            tile6(xr, 1, w + b * block_elems, K, bb, yp + b * kBlock, N);
+            tile_rows(xp, 0, 1, w + b * block_elems, K, bb, yp + b * kBlock, N);
           }
         }
       });
     });
     return y;
   }
-  // One 16-output block per work item; within it all rows of x, 6 at a time, so the block's weights (K * 64 bytes)
+  // One 16-output block per work item; within it all rows of x, up to 6 at a time, so the block's weights (K * 64 bytes)
   // come from memory once and from L1/L2 for the later row tiles. Tall x: rows in slabs of ~256 KiB, so a slab of x
   // stays in L2 (512 KiB per core on the Zen 3) while the blocks pass.
   const int64_t kSlab = std::max<int64_t>(6, (256 * 1024 / (K * 4)) / 6 * 6);
@@ -153,11 +177,13 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
         for (int64_t b = bb0; b < be; ++b) {
           const float* wb = w + b * block_elems;
           const float* bb = bp ? bp + b * kBlock : nullptr;
-          for (int64_t m0 = s0; m0 < s1; m0 += 6) {
-            const int64_t mr = std::min<int64_t>(6, s1 - m0);
-            const float* xr[6];
-            for (int64_t r = 0; r < 6; ++r) xr[r] = xp + (m0 + std::min(r, mr - 1)) * K;
-            tile6(xr, mr, wb, K, bb, yp + m0 * N + b * kBlock, N);
+          // ceil(rows / 6) tiles with the rows spread evenly (16 rows: 6 + 5 + 5, where 6 + 6 + 4 padded to 18
+          // would compute two rows for nothing; with >= 4 rows a tile has the 8 FMA chains the latency needs)
+          const int64_t rows = s1 - s0, tiles = (rows + 5) / 6;
+          for (int64_t i = 0, m0 = s0; i < tiles; ++i) {
+            const int64_t mr = rows / tiles + (i < rows % tiles ? 1 : 0);
+            tile_rows(xp, m0, mr, wb, K, bb, yp + m0 * N + b * kBlock, N);
+            m0 += mr;
           }
         }
       });
