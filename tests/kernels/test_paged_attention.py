@@ -192,6 +192,21 @@ def test_decode_order_is_measured_and_exact() -> None:
         ops.set_decode_order(2)
 
 
+def _sdpa_keeps_denormal_products() -> bool:
+    """Whether this CPU's SDPA keeps a denormal p x v product in its bf16 p.V GEMM. Two keys: the first takes the
+    softmax weight 1 with v = 0, the second ~e^-2 with v = 2e-38, so the output is that one product, denormal. A
+    GEMM on VDPBF16PS or AMX tiles (and our kernel) flushes it to zero (those instructions always do); MKL's
+    bf16 GEMM on the Zen 5 EPYC (family 26) keeps it."""
+    q = torch.zeros(1, 1, 64)
+    q[0, 0, 0] = 8.0
+    k = torch.zeros(2, 1, 64)
+    k[0, 0, 0] = 2.0  # scores 16 / 8 = 2 and 0
+    v = torch.zeros(2, 1, 64)
+    v[1] = 2e-38
+    out = _sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=False)
+    return bool((out != 0).any())
+
+
 @needs_bf16
 @pytest.mark.parametrize("scale", [3e-38, 1e-37])
 def test_decode_rounds_tiny_outputs_like_sdpa(scale: float) -> None:
@@ -202,6 +217,11 @@ def test_decode_rounds_tiny_outputs_like_sdpa(scale: float) -> None:
 
     ops = cpu_ops()
     assert ops is not None
+    if _sdpa_keeps_denormal_products():
+        # the products below the smallest normal differ before any rounding of outputs: our dot products flush
+        # them (VDPBF16PS always does), this CPU's SDPA keeps them; normal-range values agree bit for bit
+        # (test_bf16_is_bit_identical_to_torch_sdpa, the bf16 exactness test)
+        pytest.skip("this CPU's SDPA keeps denormal p x v products, which VDPBF16PS flushes")
     order = torch_decode_order(ops, 64)
     if order is None:
         pytest.skip("neither native decode order reproduces torch's SDPA on this CPU")
