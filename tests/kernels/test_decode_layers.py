@@ -31,6 +31,8 @@ def test_one_call_equals_the_op_loop() -> None:
     assert model.vnni is not None
     # without an oneDNN path the unpacked projection weights are released (only the packed copies are read)
     assert model.vnni_max_rows is not None or all(la.qkv.numel() == 0 and la.down.numel() == 0 for la in model.layers)
+    # SiLU-and-multiply is the gate/up projection's epilogue in both paths wherever every step runs the native linear
+    assert model.swiglu == (model.vnni_max_rows is None)
     for prompts in (PROMPTS[:1], PROMPTS, PROMPTS * 4):  # one sequence, and batches of 3 and 12 rows
         assert run(llm, True, prompts) == run(llm, False, prompts)
 

@@ -228,6 +228,53 @@ def test_linear_amx_does_not_depend_on_the_threads(swiglu: bool) -> None:
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@pytest.mark.skipif(not getattr(ops, "has_avx512_bf16", False), reason="the SwiGLU epilogue needs AVX-512-BF16")
+@pytest.mark.parametrize("m", [1, 5, 8, 13, 64, 300])
+@pytest.mark.parametrize("k_chunk,lead", [(0, 0), (192, 0), (192, 3)])
+@pytest.mark.parametrize("inter", [320, 336])
+def test_linear_vnni_swiglu_epilogue_equals_silu_mul_of_the_projection(m: int, k_chunk: int, lead: int,
+                                                                        inter: int) -> None:
+    """With the gate/up weight interleaved, linear_vnni's SwiGLU epilogue gives silu(gate) * up bit for bit as
+    silu_mul over the plain projection (same K chunks, lead rows included) - and that is transformers' F.silu(gate) *
+    up of separate linears. Row counts cover every tile height (1-8 rows) and an odd number of (gate, up) pairs."""
+    from tierserve.model_executor.models.llama import interleave_gate_up
+
+    k = 576
+    x = torch.randn(m, k, generator=_g()).bfloat16() * 3  # wide enough that silu meets large and negative inputs
+    w = (torch.randn(2 * inter, k, generator=_g(1)) * 0.05).bfloat16()
+    wp = ops.pack_vnni(w)
+    out = ops.linear_vnni(x, interleave_gate_up(wp), None, k_chunk, lead, 0, True)
+    assert out.shape == (m, inter)
+    assert torch.equal(out, ops.silu_mul(ops.linear_vnni(x, wp, None, k_chunk, lead, 0)))
+    if k_chunk == 0 and m <= 8:
+        ref = torch.cat([F.silu(F.linear(x[i:i + 1], w[:inter])) * F.linear(x[i:i + 1], w[inter:]) for i in range(m)])
+        close = (out.float() - ref.float()).abs() <= 1e-2 * ref.float().abs() + 1e-3
+        assert close.all()  # K blocking aside (test_linear_vnni_with_torchs_k_blocking_is_bit_identical)
+    with pytest.raises(RuntimeError, match="no bias"):
+        ops.linear_vnni(x, interleave_gate_up(wp), torch.zeros(2 * inter).bfloat16(), 0, 0, 0, True)
+    with pytest.raises(RuntimeError, match="pairs"):
+        ops.linear_vnni(x, ops.pack_vnni(w[:48]), None, 0, 0, 0, True)
+
+
+@pytest.mark.parametrize("m", [1, 4, 9, 64])
+def test_linear_vnni_prefetch_changes_no_bits(m: int) -> None:
+    """The software prefetch of each group's first row tile only moves weights into cache earlier: any distance,
+    including one reaching past the end of the weight, gives the same outputs."""
+    x = torch.randn(m, 576, generator=_g()).bfloat16()
+    wp = ops.pack_vnni((torch.randn(960, 576, generator=_g(1)) * 0.05).bfloat16())
+    before = ops.linear_prefetch()
+    try:
+        outs = []
+        for d in (0, 1, 64, 100000):
+            ops.set_linear_prefetch(d)
+            outs.append(ops.linear_vnni(x, wp, None, 192, 1, 0))
+        with pytest.raises(RuntimeError, match=">= 0"):
+            ops.set_linear_prefetch(-1)
+    finally:
+        ops.set_linear_prefetch(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 def test_linear_vnni_k_chunk_arguments() -> None:
     """Chunked sums equal the portable reference order: chunks of K from zero, added in order."""
     x = torch.randn(5, 70, generator=_g()).bfloat16()

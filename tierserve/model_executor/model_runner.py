@@ -94,7 +94,10 @@ class ModelRunner:
             ops = self.model.fused_ops
             if ops is not None and dtype == torch.bfloat16 and getattr(ops, "has_avx512_bf16", False):
                 amx = cpu_info().has_amx and self._amx_fits() and ops.amx_available()
-                extra = self.model.pack_vnni_weights(ops, measure_chunks=not amx, swiglu=amx)
+                # SiLU-and-multiply as the gate/up projection's epilogue wherever every step runs the native linear
+                # (not on AMX CPUs without the tile kernel, whose large steps take oneDNN on the plain weights)
+                swiglu = amx or not cpu_info().has_amx
+                extra = self.model.pack_vnni_weights(ops, measure_chunks=not amx, swiglu=swiglu)
                 logger.info("packed %.0f MiB of bf16 weights for the native AVX-512-BF16 / AMX linear", extra / 2**20)
                 if amx:
                     # the same packed weights are AMX weight tiles: every projection on the tile unit

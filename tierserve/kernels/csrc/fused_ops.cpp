@@ -336,14 +336,15 @@ torch::Tensor argmax_rows(const torch::Tensor& logits) {
 torch::Tensor ts_paged_decode(const torch::Tensor& q, const torch::Tensor& cache, const torch::Tensor& block_tables,
                               const torch::Tensor& seq_lens, double scale);  // paged_attention.cpp
 torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk);
+                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk, bool swiglu);
 torch::Tensor linear_amx(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
                          int64_t k_chunk, bool swiglu, const c10::optional<torch::Tensor>& out);  // linear_amx.cpp
 
 // Every decoder layer of a decode-only bf16 step in one call: the same kernels, in the same order and with the same
 // rounding, as the per-op loop of LlamaForCausalLM._forward_fused, without a Python round trip (and a GIL hand-over)
 // for each of the ~9 ops of each layer. `weights` holds 6 tensors per layer (input_norm, qkv, o_proj, post_norm,
-// gate_up, down; the four projections packed by pack_vnni - with amx, gate_up interleaved by interleave_gate_up),
+// gate_up, down; the four projections packed by pack_vnni - with amx or swiglu, gate_up interleaved by
+// interleave_gate_up and SiLU-and-multiply the projection's epilogue),
 // `qkv_bias` one per layer or none, `k_chunks` the K chunk
 // of each projection (4 per layer, linear_vnni's k_chunk; empty: none). x (the residual stream) is updated in place;
 // returns the last layer's output delta (x + delta is the stream after the last layer).
@@ -352,7 +353,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
                             const std::vector<torch::Tensor>& caches,
                             const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& slots,
                             const torch::Tensor& block_tables, const torch::Tensor& seq_lens, double scale,
-                            double eps, int64_t num_heads, int64_t num_kv_heads, bool amx) {
+                            double eps, int64_t num_heads, int64_t num_kv_heads, bool amx, bool swiglu) {
   const int64_t L = static_cast<int64_t>(caches.size());
   TORCH_CHECK(L > 0 && static_cast<int64_t>(weights.size()) == 6 * L,
               "decode_layers: 6 weights per layer and one cache per layer");
@@ -371,7 +372,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
     // the projections on AMX tiles where the caller asks (same packed weights, same K chunks)
     auto linear = [amx](const torch::Tensor& in, const torch::Tensor& wp, const c10::optional<torch::Tensor>& b,
                         int64_t k_chunk) {
-      return amx ? linear_amx(in, wp, b, k_chunk, false, c10::nullopt) : linear_vnni(in, wp, b, k_chunk, 0, 0);
+      return amx ? linear_amx(in, wp, b, k_chunk, false, c10::nullopt) : linear_vnni(in, wp, b, k_chunk, 0, 0, false);
     };
     torch::Tensor h = rms_norm(x, delta, w[0], eps);
     torch::Tensor qkv = linear(h, w[1], bias, chunk(0));
@@ -380,10 +381,11 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<torch::Tensor>& w
                                       seq_lens, scale);
     delta = linear(a.view({T, q_size}), w[2], c10::nullopt, chunk(1));
     h = rms_norm(x, delta, w[3], eps);
-    // on AMX the gate/up weight comes interleaved (gate and up block i side by side) and SiLU-and-multiply is the
-    // projection's epilogue
-    torch::Tensor act = amx ? linear_amx(h, w[4], c10::nullopt, chunk(2), true, c10::nullopt)
-                            : silu_mul(linear(h, w[4], c10::nullopt, chunk(2)));
+    // on AMX (and with swiglu) the gate/up weight comes interleaved (gate and up block i side by side) and
+    // SiLU-and-multiply is the projection's epilogue
+    torch::Tensor act = amx      ? linear_amx(h, w[4], c10::nullopt, chunk(2), true, c10::nullopt)
+                        : swiglu ? linear_vnni(h, w[4], c10::nullopt, chunk(2), 0, 0, true)
+                                 : silu_mul(linear(h, w[4], c10::nullopt, chunk(2)));
     delta = linear(act, w[5], c10::nullopt, chunk(3));
   }
   return *delta;
@@ -404,5 +406,5 @@ void register_fused_ops(pybind11::module& m) {
         pybind11::arg("k_chunks"), pybind11::arg("caches"), pybind11::arg("cos"), pybind11::arg("sin"),
         pybind11::arg("slots"), pybind11::arg("block_tables"), pybind11::arg("seq_lens"), pybind11::arg("scale"),
         pybind11::arg("eps"), pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"), pybind11::arg("amx") = false,
-        release());
+        pybind11::arg("swiglu") = false, release());
 }

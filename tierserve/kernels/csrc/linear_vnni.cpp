@@ -6,6 +6,17 @@
 // at 16 rows (what larger decode batches used before) it does the same FLOPs without oneDNN's small-M overheads.
 //
 // Packed layout: [N / 16, ceil(K / 2), 16, 2] bf16 (an odd K is padded with a zero input feature).
+//
+// SwiGLU epilogue (`swiglu`): for a gate/up weight packed with gate block i and up block i side by side
+// (interleave_gate_up), each 2-block group is (gate, up) of the same 16 features, so the tile writes silu(gate) * up
+// (ts_silu.h: rounded as transformers' bf16 F.silu(gate) * up) and the [M, 2I] activations are never stored.
+
+// at::vec's exp (ts_silu.h) must be the AVX-512 one torch runs: the capability macros before any torch header.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
+#include <ATen/cpu/vec/vec.h>
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -15,18 +26,28 @@
 #include <cstring>
 
 #include "parallel.h"
+#include "ts_silu.h"
 #include "vec.h"
 
 namespace {
 
 constexpr int64_t kLanes = 16;
 
+// Software prefetch distance, in k pairs (64-byte lines per 16-output block), of the first row tile of each group:
+// that tile reads the group's weights from memory (the later ones from L1/L2), and the hardware prefetchers alone
+// left it latency-bound. Past the end of a block the lines prefetched are the next block's, and past the group's
+// last block the next group's. 0: none. Set by set_linear_prefetch (A/B). On the Zen 5 EPYC, weights streamed from
+// memory (60 copies of a projection, huge pages), ad hoc: 8 rows 0.66-0.83x the time, 64 rows 0.85-0.95x; at one
+// row no gain (0.9-1.1x), so one to three rows go without.
+int64_t g_prefetch = 64;
+
 #ifdef TS_AVX512_BF16
 // Rows [m0, m0 + MR) of x against NB consecutive 16-output blocks; x rows are pair-padded (stride xs, even). The k
 // pairs are summed in chunks of kc pairs, each from zero, the chunk sums added in order (kc >= kp_count: one chunk).
-template <int MR, int NB>
+// SW (NB == 2, no bias): the two blocks are gate and up of 16 features; y receives silu(gate) * up for them.
+template <int MR, int NB, bool SW = false>
 inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, int64_t kc,
-                 const float* bias, at::BFloat16* y, int64_t ys) {
+                 const float* bias, at::BFloat16* y, int64_t ys, int64_t pf) {
   __m512 acc[MR][NB];
   alignas(64) float tot[MR][NB][kLanes];
   const int64_t block_stride = kp_count * 2 * kLanes;  // elements per 16-output block
@@ -35,6 +56,9 @@ inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int6
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
     for (int64_t kp = c0; kp < c1; ++kp) {
+      if (pf)
+        for (int j = 0; j < NB; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(wp + j * block_stride + (kp + pf) * 2 * kLanes), _MM_HINT_T0);
       __m512bh w[NB];
       for (int j = 0; j < NB; ++j) w[j] = (__m512bh)_mm512_loadu_si512(wp + j * block_stride + kp * 2 * kLanes);
       for (int r = 0; r < MR; ++r) {
@@ -51,6 +75,15 @@ inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int6
       for (int r = 0; r < MR; ++r)
         for (int j = 0; j < NB; ++j) _mm512_store_ps(tot[r][j], acc[r][j]);
   }
+  if constexpr (SW) {
+    static_assert(NB == 2, "the SwiGLU epilogue takes a (gate, up) block pair");
+    for (int r = 0; r < MR; ++r) {  // gate and up each rounded to bf16 as their own linears' outputs are
+      const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(acc[r][0]));
+      const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(acc[r][1]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ys), tierserve_vec::silu_mul16(g, u));
+    }
+    return;
+  }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NB; ++j) {
       const __m512 out = bias ? _mm512_add_ps(acc[r][j], _mm512_loadu_ps(bias + kLanes * j)) : acc[r][j];
@@ -58,18 +91,18 @@ inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int6
     }
 }
 
-template <int NB>
+template <int NB, bool SW = false>
 void rows_tile(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, int64_t kc,
-               const float* bias, at::BFloat16* y, int64_t ys) {
+               const float* bias, at::BFloat16* y, int64_t ys, int64_t pf) {
   switch (mr) {
-    case 1: tile<1, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    case 2: tile<2, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    case 3: tile<3, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    case 4: tile<4, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    case 5: tile<5, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    case 6: tile<6, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    case 7: tile<7, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
-    default: tile<8, NB>(x, xs, wp, kp_count, kc, bias, y, ys); break;
+    case 1: tile<1, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 2: tile<2, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 3: tile<3, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 4: tile<4, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 5: tile<5, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 6: tile<6, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 7: tile<7, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    default: tile<8, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
   }
 }
 #endif
@@ -91,8 +124,9 @@ torch::Tensor pack_vnni(const torch::Tensor& w) {
 // sums its k in chunks of k_chunk features (0: one chunk), each chunk in k-pair order from zero, the chunk sums then
 // added in order; rows [0, lead_rows) use lead_k_chunk instead. This reproduces a GEMM library's K blocking where it
 // is known (oneDNN's, measured by tierserve.kernels.linear_order), so the sums are the library's bit for bit.
+// swiglu: wp is a gate/up weight interleaved by interleave_gate_up; y [M, N / 2] = silu(gate) * up (no bias).
 torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk) {
+                          int64_t k_chunk, int64_t lead_rows, int64_t lead_k_chunk, bool swiglu) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "linear_vnni: x must be [M, K] bf16");
   TORCH_CHECK(wp.dim() == 4 && wp.size(2) == kLanes && wp.size(3) == 2 && wp.is_contiguous() &&
                   wp.scalar_type() == at::kBFloat16,
@@ -102,10 +136,16 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
   TORCH_CHECK(k_chunk >= 0 && k_chunk % 2 == 0 && lead_k_chunk >= 0 && lead_k_chunk % 2 == 0,
               "linear_vnni: k chunks must be even and >= 0 (0: none)");
   TORCH_CHECK(lead_rows >= 0, "linear_vnni: lead_rows must be >= 0");
+  TORCH_CHECK(!swiglu || (NBLK % 2 == 0 && !(bias.has_value() && bias->defined())),
+              "linear_vnni: swiglu needs whole (gate, up) block pairs and no bias");
+#ifndef TS_AVX512_BF16
+  TORCH_CHECK(!swiglu, "linear_vnni: the SwiGLU epilogue needs AVX-512-BF16");
+#endif
+  const int64_t NO = swiglu ? N / 2 : N;  // output columns
   // k pairs per chunk for rows [0, lead) and [lead, M)
   const int64_t lead = std::min(lead_rows, M);
   const int64_t kc_lead = lead_k_chunk ? lead_k_chunk / 2 : KP, kc_rest = k_chunk ? k_chunk / 2 : KP;
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, NO}, x.options());
   if (M == 0) return y;
   // x with rows padded to an even length (the last pair of an odd K reads a zero)
   auto xc = (K % 2 ? torch::constant_pad_nd(x, {0, 1}) : x).contiguous();
@@ -135,11 +175,15 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
           // 8-row tiles that do not straddle the lead rows' end
           const int64_t mend = m0 < lead ? lead : M, mr = std::min<int64_t>(8, mend - m0);
           const int64_t kc = m0 < lead ? kc_lead : kc_rest;
-          at::BFloat16* yg = yp + m0 * N + b0 * kLanes;
-          if (nb == 2) {
-            rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
+          at::BFloat16* yg = yp + m0 * NO + (swiglu ? b0 / 2 : b0) * kLanes;
+          // the first row tile streams the weights in; at one to three rows the hardware prefetchers keep up
+          const int64_t pf = m0 == 0 && M >= 4 ? g_prefetch : 0;
+          if (swiglu) {
+            rows_tile<2, true>(mr, xp + m0 * xs, xs, wg, KP, kc, nullptr, yg, NO, pf);
+          } else if (nb == 2) {
+            rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, NO, pf);
           } else {
-            rows_tile<1>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, N);
+            rows_tile<1>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, NO, pf);
           }
           m0 += mr;
         }
@@ -175,10 +219,16 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
 
 void register_linear_vnni(pybind11::module& m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("set_linear_prefetch", [](int64_t k_pairs) {
+    TORCH_CHECK(k_pairs >= 0, "set_linear_prefetch: a distance >= 0 (0: none)");
+    g_prefetch = k_pairs;
+  }, "linear_vnni's software prefetch distance in k pairs for each group's first row tile (0: none)");
+  m.def("linear_prefetch", []() { return g_prefetch; });
   m.def("pack_vnni", &pack_vnni, "pack a bf16 weight [N, K] for linear_vnni (N a multiple of 16)", release());
   m.def("linear_vnni", &linear_vnni,
         "x @ w.T (+ bias) from a pack_vnni weight, bf16; K summed in chunks of k_chunk (lead_k_chunk for the first "
-        "lead_rows rows), 0: one chunk",
+        "lead_rows rows), 0: one chunk; swiglu: silu(gate) * up of a weight interleaved by interleave_gate_up",
         pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), pybind11::arg("k_chunk") = 0,
-        pybind11::arg("lead_rows") = 0, pybind11::arg("lead_k_chunk") = 0, release());
+        pybind11::arg("lead_rows") = 0, pybind11::arg("lead_k_chunk") = 0, pybind11::arg("swiglu") = false,
+        release());
 }

@@ -99,7 +99,8 @@ class LlamaForCausalLM(nn.Module):
     """On CPUs with AMX (a ``tierserve.kernels.linear_order.AmxKChunks``): every projection runs ``linear_amx`` on the
     ``vnni`` copies (the same layout is the AMX weight tile), K summed in the chunks oneDNN uses for that row count."""
     swiglu: bool = False
-    """The ``vnni`` gate/up copies are interleaved for ``linear_amx``'s SwiGLU epilogue (``pack_vnni_weights``)."""
+    """The ``vnni`` gate/up copies are interleaved (``pack_vnni_weights``) and silu(gate) * up is the gate/up
+    projection's epilogue (``linear_amx``'s or ``linear_vnni``'s), so the [T, 2I] activations are never stored."""
     f32: dict[int, torch.Tensor] | None = None
     """On CPUs without native bf16 (AVX2 + FMA; the engine computes in float32 there): packed copies of the float32
     projection and head weights (id(weight) -> packed) for the native ``linear_f32``, made by ``pack_f32_weights``."""
@@ -211,8 +212,8 @@ class LlamaForCausalLM(nn.Module):
     def pack_vnni_weights(self, ops: ModuleType, measure_chunks: bool = True, swiglu: bool = False) -> int:
         """Keep ``linear_vnni`` copies of the bf16 projection and head weights, in one huge-page arena in step order,
         and measure the K blocking of torch's linear for each shape (``vnni_k_chunks``). Returns the bytes held.
-        ``swiglu`` (the AMX path): the gate/up copies are laid out for ``linear_amx``'s SwiGLU epilogue instead (gate
-        and up block i side by side), and the model calls it for silu(gate) * up."""
+        ``swiglu``: the gate/up copies are laid out for the SwiGLU epilogue of ``linear_amx`` / ``linear_vnni``
+        instead (gate and up block i side by side), and the model calls it for silu(gate) * up."""
         from tierserve.kernels.linear_order import torch_k_chunks
         from tierserve.utils.hugepages import move_to_arena
 
@@ -372,7 +373,7 @@ class LlamaForCausalLM(nn.Module):
             assert amx is None or self.swiglu, "decode_layers on AMX takes the gate/up weights interleaved"
             delta = ops.decode_layers(x, weights, biases, k_chunks, kv_caches, cos, sin, meta.slot_mapping,
                                       meta.decode_block_tables, meta.decode_seq_lens, attn.scale, self.cfg.rms_norm_eps,
-                                      self.cfg.num_heads, self.cfg.num_kv_heads, amx is not None)
+                                      self.cfg.num_heads, self.cfg.num_kv_heads, amx is not None, self.swiglu)
         else:
             for layer, cache in zip(self._layers(), kv_caches):
                 h = ops.rms_norm(x, delta, layer.input_norm, layer.eps)  # x += delta first
@@ -385,6 +386,9 @@ class LlamaForCausalLM(nn.Module):
                 h = ops.rms_norm(x, delta, layer.post_norm, layer.eps)
                 if amx is not None and self.swiglu:  # silu(gate) * up as the gate/up projection's epilogue
                     act = linear_amx(h, layer.gate_up, None, meta.num_decode_tokens, swiglu=True)
+                elif vnni is not None and self.swiglu:  # the same on AVX-512-BF16
+                    one, several = chunks.get(id(layer.gate_up), (0, 0))
+                    act = ops.linear_vnni(h, vnni[id(layer.gate_up)], None, several, meta.num_decode_tokens, one, True)
                 else:
                     act = ops.silu_mul(linear(h, layer.gate_up))
                 delta = linear(act, layer.down)
