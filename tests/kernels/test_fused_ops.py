@@ -275,6 +275,44 @@ def test_linear_vnni_prefetch_changes_no_bits(m: int) -> None:
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+@needs_vnni
+@pytest.mark.parametrize("m", [9, 12, 16])
+@pytest.mark.parametrize("k_chunk,lead,lead_chunk", [(0, 0, 0), (192, 3, 0), (64, 10, 128)])
+def test_linear_vnni_wide_tiles_and_work_chunks_change_no_bits(m: int, k_chunk: int, lead: int,
+                                                                lead_chunk: int) -> None:
+    """9-16 rows take one pass of 16-row tiles per output block (set_linear_wide_rows) and larger work chunks
+    (set_linear_chunk): the same sums in the same order as 8-row tiles over block pairs, one group at a time - with
+    a bias, a last group of one block, lead rows, K chunks and the SwiGLU epilogue."""
+    from tierserve.model_executor.models.llama import interleave_gate_up
+
+    x = torch.randn(m, 576, generator=_g()).bfloat16() * 3
+    w = (torch.randn(336, 576, generator=_g(1)) * 0.05).bfloat16()  # 21 blocks: the last group has one
+    wp, bias = ops.pack_vnni(w), torch.randn(336, generator=_g(2)).bfloat16()
+    gate_up = interleave_gate_up(ops.pack_vnni(w[:320]))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return (ops.linear_vnni(x, wp, bias, k_chunk, lead, lead_chunk),
+                ops.linear_vnni(x, gate_up, None, k_chunk, lead, lead_chunk, True))
+
+    wide, chunk = ops.linear_wide_rows(), ops.linear_chunk()
+    try:
+        outs = [run()]
+        for rows, groups in ((0, 1), (0, 0), (16, 1), (16, 4), (16, 1000)):
+            ops.set_linear_wide_rows(rows)
+            ops.set_linear_chunk(groups)
+            outs.append(run())
+        with pytest.raises(RuntimeError, match=">= 0"):
+            ops.set_linear_wide_rows(-1)
+        with pytest.raises(RuntimeError, match=">= 0"):
+            ops.set_linear_chunk(-1)
+    finally:
+        ops.set_linear_wide_rows(wide)
+        ops.set_linear_chunk(chunk)
+    assert all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
+    assert torch.equal(outs[0][1], ops.silu_mul(ops.linear_vnni(x, ops.pack_vnni(w[:320]), None, k_chunk, lead,
+                                                                lead_chunk)))
+
+
 def test_linear_vnni_k_chunk_arguments() -> None:
     """Chunked sums equal the portable reference order: chunks of K from zero, added in order."""
     x = torch.randn(5, 70, generator=_g()).bfloat16()

@@ -41,6 +41,18 @@ constexpr int64_t kLanes = 16;
 // row no gain (0.9-1.1x), so one to three rows go without.
 int64_t g_prefetch = 64;
 
+// Up to this many rows (from 9), a call takes one pass of 16-row tiles over each single 16-output block instead of
+// 8-row tiles over block pairs: every weight vector streamed in serves all rows at once, where the second 8-row tile
+// used to wait for the first to bring the weights in. Same sums, bit for bit. Zen 5 EPYC, weights streamed (a model
+// step's projections), ad hoc: 12-16 rows 0.91-0.96x the time, 24-32 rows 1.02-1.04x (so not there); the engine's
+// 16-sequence decode step 0.91-0.93x (scripts/kernel_build_ab.py --per-step, same tokens). 0: never (A/B).
+int64_t g_wide_rows = 16;
+
+// Groups per work chunk handed out at once: 0 picks a quarter of each thread's share for calls of up to 16 rows (each
+// thread's weights then stream in runs of several groups, not one 2-block group and a skip over the other thread's),
+// one group for larger calls (where the rows' compute, not the stream, sets the time). Settable for A/B.
+int64_t g_chunk = 0;
+
 #ifdef TS_AVX512_BF16
 // Rows [m0, m0 + MR) of x against NB consecutive 16-output blocks; x rows are pair-padded (stride xs, even). The k
 // pairs are summed in chunks of kc pairs, each from zero, the chunk sums added in order (kc >= kp_count: one chunk).
@@ -105,6 +117,29 @@ void rows_tile(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16
     default: tile<8, NB, SW>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
   }
 }
+
+// One 16-output block, up to 16 rows per tile (16 accumulators).
+void rows_tile16(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, int64_t kc,
+                 const float* bias, at::BFloat16* y, int64_t ys, int64_t pf) {
+  switch (mr) {
+    case 1: tile<1, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 2: tile<2, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 3: tile<3, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 4: tile<4, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 5: tile<5, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 6: tile<6, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 7: tile<7, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 8: tile<8, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 9: tile<9, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 10: tile<10, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 11: tile<11, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 12: tile<12, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 13: tile<13, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 14: tile<14, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 15: tile<15, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    default: tile<16, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+  }
+}
 #endif
 
 }  // namespace
@@ -165,12 +200,38 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
   // (16 accumulators), so each group's weights (a few tens of KiB) come from memory once and from L1/L2 after.
   constexpr int64_t kGroup = 2;
   const int64_t groups = (NBLK + kGroup - 1) / kGroup;
-  tierserve_par::dynamic_for(groups, 1, [&](auto each) {
+  int64_t chunk = g_chunk;
+  if (chunk == 0)
+    chunk = M <= 16 ? std::max<int64_t>(1, groups / (4 * at::get_num_threads())) : 1;
+  tierserve_par::dynamic_for(groups, chunk, [&](auto each) {
     each([&](int64_t gb, int64_t ge) {
       for (int64_t g = gb; g < ge; ++g) {
         const int64_t b0 = g * kGroup, nb = std::min(kGroup, NBLK - b0);
         const at::BFloat16* wg = w + b0 * block_elems;
         const float* bg = bp ? bp + b0 * kLanes : nullptr;
+        if (M > 8 && M <= g_wide_rows) {  // 16-row tiles, one output block at a time
+          for (int64_t m0 = 0; m0 < M;) {
+            const int64_t mend = m0 < lead ? lead : M, mr = std::min<int64_t>(16, mend - m0);
+            const int64_t kc = m0 < lead ? kc_lead : kc_rest;
+            const int64_t pf = m0 == 0 ? g_prefetch : 0;
+            if (swiglu) {  // gate and up rounded to bf16 (as the 2-block tile's epilogue does), then silu(gate) * up
+              alignas(64) at::BFloat16 gt[16 * kLanes], ut[16 * kLanes];
+              rows_tile16(mr, xp + m0 * xs, xs, wg, KP, kc, nullptr, gt, kLanes, pf);
+              rows_tile16(mr, xp + m0 * xs, xs, wg + block_elems, KP, kc, nullptr, ut, kLanes, pf);
+              at::BFloat16* yg = yp + m0 * NO + b0 / 2 * kLanes;
+              for (int64_t r = 0; r < mr; ++r)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(yg + r * NO),
+                                    tierserve_vec::silu_mul16(tierserve_vec::load16_bf16(gt + r * kLanes),
+                                                              tierserve_vec::load16_bf16(ut + r * kLanes)));
+            } else {
+              for (int64_t j = 0; j < nb; ++j)
+                rows_tile16(mr, xp + m0 * xs, xs, wg + j * block_elems, KP, kc, bg ? bg + j * kLanes : nullptr,
+                            yp + m0 * NO + (b0 + j) * kLanes, NO, pf);
+            }
+            m0 += mr;
+          }
+          continue;
+        }
         for (int64_t m0 = 0; m0 < M;) {
           // 8-row tiles that do not straddle the lead rows' end
           const int64_t mend = m0 < lead ? lead : M, mr = std::min<int64_t>(8, mend - m0);
@@ -224,6 +285,16 @@ void register_linear_vnni(pybind11::module& m) {
     g_prefetch = k_pairs;
   }, "linear_vnni's software prefetch distance in k pairs for each group's first row tile (0: none)");
   m.def("linear_prefetch", []() { return g_prefetch; });
+  m.def("set_linear_wide_rows", [](int64_t rows) {
+    TORCH_CHECK(rows >= 0, "set_linear_wide_rows: a row count >= 0 (0: never)");
+    g_wide_rows = rows;
+  }, "linear_vnni's largest call (from 9 rows) taken in one pass of 16-row tiles per output block (0: never)");
+  m.def("linear_wide_rows", []() { return g_wide_rows; });
+  m.def("set_linear_chunk", [](int64_t groups) {
+    TORCH_CHECK(groups >= 0, "set_linear_chunk: groups >= 0 (0: by row count)");
+    g_chunk = groups;
+  }, "linear_vnni's work chunk in 32-output groups (0: by row count)");
+  m.def("linear_chunk", []() { return g_chunk; });
   m.def("pack_vnni", &pack_vnni, "pack a bf16 weight [N, K] for linear_vnni (N a multiple of 16)", release());
   m.def("linear_vnni", &linear_vnni,
         "x @ w.T (+ bias) from a pack_vnni weight, bf16; K summed in chunks of k_chunk (lead_k_chunk for the first "
