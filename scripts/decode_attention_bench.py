@@ -47,6 +47,7 @@ def main() -> int:
     p.add_argument("--min-len", type=int, default=250, help="shortest context (tokens)")
     p.add_argument("--max-len", type=int, default=400, help="longest context (tokens)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (medians are printed)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's --block-size)")
     p.add_argument("--compare", metavar="DIGEST", help="another kernel build to time against this tree's")
     args = p.parse_args()
 
@@ -70,7 +71,7 @@ def main() -> int:
         mod.set_decode_order(order)
 
     torch.manual_seed(0)
-    layers, bs, hkv, heads, d, b = 30, 16, 3, 9, 64, args.batch
+    layers, bs, hkv, heads, d, b = 30, args.block_size, 3, 9, 64, args.batch
     max_blocks = (args.max_len + bs - 1) // bs
     nb = 2 * b * max_blocks
     per = 2 * hkv * nb * bs * d

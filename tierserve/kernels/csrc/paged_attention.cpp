@@ -979,8 +979,10 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& cache, c
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t head_stride = NB * bs * D, v_off = Hkv * head_stride;
     // (sequence, kv head) items handed out a sequence at a time (sequences differ in length; within a chunk the
-    // next item's keys are prefetched)
-    tierserve_par::dynamic_for(B * Hkv, Hkv, [&](auto each) {
+    // next item's keys are prefetched) - or one at a time where the batch has too few sequences to keep every thread
+    // busy (one stream: its kv heads on different threads, not all on one while the others wait)
+    const int64_t per_chunk = B >= 2 * at::get_num_threads() ? Hkv : 1;
+    tierserve_par::dynamic_for(B * Hkv, per_chunk, [&](auto each) {
       std::vector<float> scratch;
       std::vector<int64_t> limit(G);
       each([&](int64_t begin, int64_t end) {
