@@ -37,6 +37,24 @@ def test_rms_norm_is_bit_identical_to_torch(dtype: torch.dtype, with_delta: bool
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_rms_norm_rounds_extremes_like_torch(with_delta: bool) -> None:
+    """Magnitudes from 1e-30 to 1e15 in one row and weights down to bf16's denormals: the vector path rounds the
+    residual add, the normalised x and its product with w as c10's conversion does (denormals kept, not flushed)."""
+    g = _g(3)
+    n = 576 + 7
+    mag = torch.pow(10.0, torch.empty(5, n).uniform_(-30, 15, generator=g))
+    x = (torch.randn(5, n, generator=g) * mag).bfloat16()
+    d = (torch.randn(5, n, generator=g) * mag).bfloat16() if with_delta else None
+    w = (torch.randn(n, generator=g) * torch.pow(10.0, torch.empty(n).uniform_(-39, 2, generator=g))).bfloat16()
+    ref_x = x + d if d is not None else x.clone()
+    ref = rms_norm(ref_x, w, 1e-5)
+    out = ops.rms_norm(x, d, w, 1e-5)
+    assert torch.equal(x, ref_x)
+    assert torch.equal(out, ref)
+    assert ((ref != 0) & (ref.float().abs() < 1.18e-38)).any()  # the case has denormal outputs to round
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_and_cache_matches_torch(dtype: torch.dtype) -> None:
     h, hkv, d, bs, nb, t = 9, 3, 64, 16, 10, 5
