@@ -149,7 +149,7 @@ inline void scores_gemv4(const __m512i* qprep, int64_t nrows, const at::BFloat16
   }
   const __mmask8 keep = static_cast<__mmask8>((1u << n) - 1u);
   const __m128 sc = _mm_set1_ps(scale);
-  auto finish = [&](__m512 acc, int64_t i) {
+  auto finish = [&](__m512 acc, int64_t i) __attribute__((always_inline)) {
     const __m512 x = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));  // c0 + c2, c1 + c3
     const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));      // (c0 + c2) + (c1 + c3)
     const __m128 s = _mm_mul_ps(_mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, y)), sc);
