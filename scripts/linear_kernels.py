@@ -5,14 +5,24 @@ without native bf16 (the engine computes in float32 there), or with --float32: t
 linear_f32 (AVX2), with the ratio.
 
     .venv/bin/python scripts/linear_kernels.py [--rows 1,16,64,512] [--reps 50] [--float32]
+
+``--streamed``: instead, one decode step's projections as the engine runs them (30 layers of qkv, o, gate/up with the
+SwiGLU epilogue, down, then the LM head; every weight its own copy in one huge-page arena, so each call reads its
+weights from memory), timed per row count with ``linear_vnni``'s 16-row tiles and work chunks on (the default) and
+off (``set_linear_wide_rows(0)``, ``set_linear_chunk(1)``), interleaved over --rounds; prints GB/s of weights and the
+on/off ratio beside this machine's streaming read.
+
+    .venv/bin/python scripts/linear_kernels.py --streamed --rows 1,12,16,24 --rounds 6
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +49,16 @@ def main() -> None:
     ap.add_argument("--rows", default="1,16,64,512", help="comma-separated row counts (default: 1,16,64,512)")
     ap.add_argument("--reps", type=int, default=50, help="timed calls per kernel and shape (default: 50)")
     ap.add_argument("--float32", action="store_true", help="float32 kernels (default without native bf16)")
+    ap.add_argument("--streamed", action="store_true",
+                    help="a decode step's projections with weights from memory, 16-row tiles/chunks on vs off")
+    ap.add_argument("--rounds", type=int, default=6, help="--streamed: interleaved on/off rounds (default: 6)")
     args = ap.parse_args()
     ops = cpu_ops()
+    if args.streamed:
+        if ops is None or not getattr(ops, "has_avx512_bf16", False):
+            raise SystemExit("--streamed needs the native kernels built for a CPU with AVX-512-BF16")
+        streamed(ops, args)
+        return
     if ops is not None and (args.float32 or not getattr(ops, "has_avx512_bf16", False)):
         float32(ops, args)
         return
@@ -67,6 +85,59 @@ def main() -> None:
                 fns.append(partial(ops.linear_amx, x, wp, None, 0))
             cells = " ".join(f"{median_us(fn, args.reps):>14.0f}" for fn in fns)
             print(f"{name + f' {n}x{k}':>16} {rows:>5} {cells}", flush=True)
+
+
+def streamed(ops: Any, args: argparse.Namespace) -> None:
+    from tierserve.bench.roofline import measure_bandwidth
+    from tierserve.model_executor.models.llama import interleave_gate_up
+    from tierserve.utils.hugepages import move_to_arena
+
+    gen = torch.Generator().manual_seed(0)
+    layer = [("qkv", False), ("o_proj", False), ("gate_up", True), ("down", False)]
+    calls: list[tuple[torch.Tensor, int, bool]] = []
+    for _ in range(30):
+        for name, swiglu in layer:
+            n, k = SHAPES[name]
+            wp = ops.pack_vnni((torch.randn(n, k, generator=gen) * 0.05).bfloat16())
+            calls.append((interleave_gate_up(wp) if swiglu else wp, k, swiglu))
+    calls.append((ops.pack_vnni((torch.randn(*SHAPES["head"], generator=gen) * 0.05).bfloat16()), 576, False))
+    arena = move_to_arena([w for w, _, _ in calls])  # (each weight now reads from its copy there)
+    nbytes = arena.numel() * arena.element_size()
+    wide, chunk = ops.linear_wide_rows(), ops.linear_chunk()
+    print(f"{cpu_info().model_name}, {torch.get_num_threads()} threads; one step's projections, "
+          f"{nbytes / 1e6:.0f} MB of weights from memory; best of 5 steps per round, median of {args.rounds} rounds")
+    print(f"{'rows':>5} {'on ms':>8} {'off ms':>8} {'on GB/s':>8} {'on/off':>7}")
+    try:
+        for rows in (int(r) for r in args.rows.split(",")):
+            xs = {k: torch.randn(rows, k, generator=gen).bfloat16() for k in (576, 1536)}
+
+            def step(xs: dict[int, torch.Tensor] = xs) -> None:
+                for w, k, sw in calls:
+                    ops.linear_vnni(xs[k], w, None, 0, 0, 0, sw)
+
+            times: dict[bool, list[float]] = {True: [], False: []}
+            ratios = []
+            for r in range(args.rounds):
+                for on in ((True, False) if r % 2 == 0 else (False, True)):
+                    ops.set_linear_wide_rows(wide if on else 0)
+                    ops.set_linear_chunk(chunk if on else 1)
+                    step()
+                    best = min(_timed(step) for _ in range(5))
+                    times[on].append(best)
+                ratios.append(times[True][-1] / times[False][-1])
+            on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+            print(f"{rows:>5} {on_s * 1e3:>8.2f} {off_s * 1e3:>8.2f} {nbytes / on_s / 1e9:>8.1f} "
+                  f"{statistics.median(ratios):>7.3f}", flush=True)
+    finally:
+        ops.set_linear_wide_rows(wide)
+        ops.set_linear_chunk(chunk)
+    print(f"streaming read: {measure_bandwidth(3):.1f} GB/s")
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def float32(ops: object, args: argparse.Namespace) -> None:

@@ -122,14 +122,6 @@ void rows_tile(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16
 void rows_tile16(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int64_t kp_count, int64_t kc,
                  const float* bias, at::BFloat16* y, int64_t ys, int64_t pf) {
   switch (mr) {
-    case 1: tile<1, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 2: tile<2, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 3: tile<3, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 4: tile<4, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 5: tile<5, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 6: tile<6, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 7: tile<7, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    case 8: tile<8, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
     case 9: tile<9, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
     case 10: tile<10, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
     case 11: tile<11, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
@@ -137,7 +129,8 @@ void rows_tile16(int64_t mr, const at::BFloat16* x, int64_t xs, const at::BFloat
     case 13: tile<13, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
     case 14: tile<14, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
     case 15: tile<15, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
-    default: tile<16, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    case 16: tile<16, 1>(x, xs, wp, kp_count, kc, bias, y, ys, pf); break;
+    default: rows_tile<1>(mr, x, xs, wp, kp_count, kc, bias, y, ys, pf); break;  // 1-8 rows
   }
 }
 #endif
