@@ -10,6 +10,10 @@ other), and whether the two builds gave the same tokens.
 
     .venv/bin/python scripts/kernel_build_ab.py 2e34dbf4750d69e3 --rounds 4
     .venv/bin/python scripts/kernel_build_ab.py 2e34dbf4750d69e3 --rounds 4 --per-step
+    .venv/bin/python scripts/kernel_build_ab.py fused_decode=0 --per-step  # decode_layers vs the op loop
+
+With ``OTHER`` as ``NAME=VALUE`` both sides run this tree's build and differ in the model's attribute ``NAME``
+(``--set NAME=VALUE`` sets "this tree"'s side).
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from types import ModuleType
 from typing import Any
 
 
+def _parse(value: str, like: Any) -> Any:
+    """VALUE as the type of the attribute's current value (bools: 1/0, true/false)."""
+    if isinstance(like, bool):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return type(like)(value)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("other", metavar="OTHER", help="folder name of the other build under ~/.cache/tierserve/kernels/")
@@ -32,6 +43,8 @@ def main() -> int:
     p.add_argument("--per-step", action="store_true",
                    help="swap the builds every engine step instead of every run (adjacent steps are compared, so a "
                         "machine whose speed drifts over seconds cancels out); prints medians of adjacent-step ratios")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a model attribute before the runs (this tree's side of a NAME=VALUE comparison)")
     args = p.parse_args()
 
     from tierserve import LLM, SamplingParams
@@ -42,16 +55,32 @@ def main() -> int:
     runner = llm.engine.runner
     model = runner.model
     mine = model.fused_ops
+    for item in args.set:
+        name, value = item.split("=", 1)
+        setattr(model, name, _parse(value, getattr(model, name)))
     if mine is None or not hasattr(runner.attn, "ops"):
         print("error: the engine does not run the native CPU kernels here", file=sys.stderr)
         return 1
-    builds: dict[str, ModuleType] = {"this tree": mine, "other": load_build(args.other)}
+    # OTHER as NAME=VALUE: this tree's build both ways, the model's attribute NAME (e.g. fused_decode) at its own
+    # value ("this tree") against VALUE ("other")
+    knob = args.other.split("=", 1) if "=" in args.other else None
+    other_mod = mine if knob else load_build(args.other)
+    builds: dict[str, ModuleType] = {"this tree": mine, "other": other_mod}
+    settings: dict[int, Any] = {}
+    if knob:
+        settings = {id(mine): getattr(model, knob[0])}
+        builds["other"] = ModuleType("other")  # a distinct key object; `use` maps it back to this build
+        settings[id(builds["other"])] = _parse(knob[1], settings[id(mine)])
     for mod in builds.values():
-        mod.set_decode_order(mine.decode_order())
+        if hasattr(mod, "set_decode_order"):
+            mod.set_decode_order(mine.decode_order())
 
     attn: Any = runner.attn
 
     def use(mod: ModuleType) -> None:
+        if knob:
+            setattr(model, knob[0], settings[id(mod)])
+            mod = mine
         model.fused_ops = mod
         attn.ops = mod
 
