@@ -17,8 +17,13 @@ roofline's). If ``dram`` is close to ``hot``, the kernel is compute-bound; if ``
 build of an older source tree; ``tierserve.kernels.build_dir()`` names a tree's) and times both in this process,
 interleaved over ``--rounds``, after checking that their outputs are bit-identical.
 
+``--prefill LEN`` times prefill attention instead (``paged_prefill``): ``--batch`` prompts of LEN tokens each, in
+one call per layer (30 layers), as a prefill step of the offline benchmark runs them (64 x 256 there), in ms and
+as attention TFLOP/s (the causal half of QK^T and p.V).
+
     .venv/bin/python scripts/decode_attention_bench.py
     .venv/bin/python scripts/decode_attention_bench.py --compare 2e34dbf4750d69e3 --rounds 7
+    .venv/bin/python scripts/decode_attention_bench.py --prefill 256 --compare 2e34dbf4750d69e3
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (medians are printed)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's --block-size)")
     p.add_argument("--compare", metavar="DIGEST", help="another kernel build to time against this tree's")
+    p.add_argument("--prefill", type=int, metavar="LEN", help="time prefill attention of --batch prompts of LEN tokens")
     args = p.parse_args()
+    if args.prefill:
+        args.min_len = args.max_len = args.prefill
 
     import torch
 
@@ -87,7 +95,15 @@ def main() -> int:
     hot_reps = max(1, layers * b // hot_b)
     hot_bytes = int(seq_lens[:hot_b].sum()) * hkv * 2 * d * 2 * hot_reps
 
+    # --prefill: every prompt whole in one chunk, its K/V already in the cache (the fused RoPE op writes them first)
+    qp = torch.randn(b * args.max_len, heads, d).to(torch.bfloat16)
+    q_start = torch.arange(0, b * args.max_len + 1, args.max_len)
+    flops = b * heads * d * 2 * 2 * (args.max_len * (args.max_len + 1) // 2) * layers
+
     def cases(mod: ModuleType) -> dict[str, Callable[[], object]]:
+        if args.prefill:
+            return {"prefill": lambda: [mod.paged_prefill(qp, c, contiguous, q_start, seq_lens, 0.125, 32, None)
+                                        for c in caches]}
         return {
             "dram contiguous": lambda: [mod.paged_decode(q, c, contiguous, seq_lens, 0.125) for c in caches],
             "dram scattered": lambda: [mod.paged_decode(q, c, scattered, seq_lens, 0.125) for c in caches],
@@ -99,8 +115,13 @@ def main() -> int:
         a, n = builds.values()
         for table in (contiguous, scattered):
             for c in caches[:3]:
-                if not torch.equal(a.paged_decode(q, c, table, seq_lens, 0.125),
-                                   n.paged_decode(q, c, table, seq_lens, 0.125)):
+                if args.prefill:
+                    same = torch.equal(a.paged_prefill(qp, c, table, q_start, seq_lens, 0.125, 32, None),
+                                       n.paged_prefill(qp, c, table, q_start, seq_lens, 0.125, 32, None))
+                else:
+                    same = torch.equal(a.paged_decode(q, c, table, seq_lens, 0.125),
+                                       n.paged_decode(q, c, table, seq_lens, 0.125))
+                if not same:
                     print("error: the two builds' outputs differ", file=sys.stderr)
                     return 1
         print(f"outputs bit-identical: {args.compare} and {build_dir().name} (this tree)")
@@ -119,7 +140,8 @@ def main() -> int:
         for case, ts in times[name].items():
             nbytes = hot_bytes if case.startswith("hot") else kv_bytes
             med = statistics.median(ts)
-            parts.append(f"{case} {med * 1e3:.1f} ms ({nbytes / med / 1e9:.1f} GB/s)")
+            rate = f"{flops / med / 1e12:.3f} TFLOP/s" if args.prefill else f"{nbytes / med / 1e9:.1f} GB/s"
+            parts.append(f"{case} {med * 1e3:.1f} ms ({rate})")
         print(f"{name}: " + ", ".join(parts))
     if len(builds) == 2:
         other, mine = (times[k] for k in builds)

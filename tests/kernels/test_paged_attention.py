@@ -136,15 +136,16 @@ avx512_orders = pytest.mark.skipif(
 
 @needs_bf16
 @avx512_orders
-@pytest.mark.parametrize("ctx", [1, 4, 5, 11, 12, 40, 193, 333, 513, 700, 1100])
+@pytest.mark.parametrize("ctx", [1, 4, 5, 11, 12, 40, 193, 202, 333, 513, 700, 1100])
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_bf16_is_bit_identical_to_torch_sdpa(kind: str, ctx: int) -> None:
     """transformers' reference runs torch's SDPA, whose CPU flash kernel sums in orders that depend on its call's
     shape: query blocks of 32/64/256 rows by prompt length, a BLAS that takes a different kernel for a block of 1-3
     rows or a kv split of a few keys, p.V in chunks of up to 192 keys, exp with its fast fexp_u20, the sum z in two
     interleaved accumulators. The kernels follow all of it, so every output element is SDPA's bit for bit (lengths
-    here cover short splits, 1-row last blocks - 193, 513 - and several kv splits). Not covered: a last query block of
-    2-3 rows, whose p.V the library sums in yet another order (the kernels use the gemm order there)."""
+    here cover short splits, 1-row last blocks - 193, 513 -, a p.V chunk from an odd key - 202 - and several kv
+    splits). Not covered: a last query block of 2-3 rows, whose p.V the library sums in yet another order (the
+    kernels use the gemm order there)."""
     from tierserve.kernels import cpu_ops
 
     ops = cpu_ops()

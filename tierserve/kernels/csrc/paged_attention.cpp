@@ -78,13 +78,24 @@ struct Span {  // where one item's K (or V) blocks live
   const int64_t* blocks;
   int64_t block_size;
   int64_t block_stride;
-  const T* block(int64_t t0) const { return base + blocks[t0 / block_size] * block_stride; }
+  int shift;  // log2(block_size) where it is a power of two (every size the engine uses), else -1
+  Span(const T* base_, const int64_t* blocks_, int64_t block_size_, int64_t block_stride_)
+      : base(base_), blocks(blocks_), block_size(block_size_), block_stride(block_stride_),
+        shift(block_size_ > 0 && (block_size_ & (block_size_ - 1)) == 0
+                  ? __builtin_ctzll(static_cast<uint64_t>(block_size_))
+                  : -1) {}
+  // a shift and a mask instead of a 64-bit division: p.V asks for every key's row (an idiv per key pair was a large
+  // part of prefill attention's time). (Forcing these inline made decode attention from memory 1.3-1.6x slower.)
+  int64_t block_of(int64_t t) const { return shift >= 0 ? t >> shift : t / block_size; }
+  int64_t offset_of(int64_t t) const { return shift >= 0 ? t & (block_size - 1) : t % block_size; }
+  const T* block(int64_t t0) const { return base + blocks[block_of(t0)] * block_stride; }
+  const T* row(int64_t t, int64_t d) const { return block(t) + offset_of(t) * d; }
   // Ask for the n rows of d elements from key t0 (within one block) ahead of their use. A block of one head is a
   // few KiB at a scattered address: too short for the hardware prefetcher to ramp up, so without this every block
   // starts with cache misses (decode attention ran at ~1/3 of the memory bandwidth, stalled on its first loads).
   template <int Locality>
   void prefetch(int64_t t0, int64_t n, int64_t d) const {
-    const char* p = reinterpret_cast<const char*>(block(t0) + (t0 % block_size) * d);
+    const char* p = reinterpret_cast<const char*>(row(t0, d));
     const int64_t bytes = n * d * static_cast<int64_t>(sizeof(T));
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, Locality);
   }
@@ -241,27 +252,36 @@ inline void values_gemm_chunk(const uint16_t* p, int64_t p_stride, const V& vrow
   __m512 z[NR][2 * DH];
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < 2 * DH; ++c) z[r][c] = _mm512_setzero_ps();
-  for (int64_t j = c0; j < c1; j += 2) {
-    const bool pair = j + 1 < c1;
+  auto step = [&](int64_t j, auto is_pair) __attribute__((always_inline)) {
+    constexpr bool pair = decltype(is_pair)::value;
     const at::BFloat16* v0 = vrow(j);
-    const at::BFloat16* v1 = pair ? vrow(j + 1) : nullptr;
     __m512i lo[DH], hi[DH];
     for (int h = 0; h < DH; ++h) {
       const __m512i a = _mm512_loadu_si512(v0 + 32 * h);
-      const __m512i b = pair ? _mm512_loadu_si512(v1 + 32 * h) : _mm512_setzero_si512();
+      const __m512i b = pair ? _mm512_loadu_si512(vrow(j + 1) + 32 * h) : _mm512_setzero_si512();
       // low word key j + 1, high word key j
       lo[h] = _mm512_unpacklo_epi16(b, a);
       hi[h] = _mm512_unpackhi_epi16(b, a);
     }
     for (int r = 0; r < NR; ++r) {
-      const uint32_t pj = p[r * p_stride + j], pj1 = pair ? p[r * p_stride + j + 1] : 0u;
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>((pj << 16) | pj1));
+      // p[j] (low word in memory) to the high word, p[j + 1] to the low: one load and a rotate
+      uint32_t w;
+      if constexpr (pair) {
+        __builtin_memcpy(&w, p + r * p_stride + j, sizeof(w));
+        w = (w << 16) | (w >> 16);
+      } else {
+        w = static_cast<uint32_t>(p[r * p_stride + j]) << 16;
+      }
+      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
       for (int h = 0; h < DH; ++h) {
         z[r][2 * h] = _mm512_dpbf16_ps(z[r][2 * h], pp, (__m512bh)lo[h]);
         z[r][2 * h + 1] = _mm512_dpbf16_ps(z[r][2 * h + 1], pp, (__m512bh)hi[h]);
       }
     }
-  }
+  };
+  const int64_t pairs_end = c0 + (c1 - c0) / 2 * 2;
+  for (int64_t j = c0; j < pairs_end; j += 2) step(j, std::true_type{});
+  if (pairs_end < c1) step(pairs_end, std::false_type{});
   for (int r = 0; r < NR; ++r)
     for (int c = 0; c < 2 * DH; ++c) {
       float* a = acc + r * d + 16 * c;
@@ -523,8 +543,8 @@ inline void pv_f32(const float* p, const Span<float>& vs, int64_t t0, int64_t t1
   for (int u = 0; u < NV; ++u) a[u] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + 8 * u);
   const int64_t bs = vs.block_size;
   for (int64_t t = t0; t < t1;) {
-    const int64_t n = std::min(bs - t % bs, t1 - t);
-    const float* v = vs.block(t) + (t % bs) * d + f0;
+    const int64_t n = std::min(bs - vs.offset_of(t), t1 - t);
+    const float* v = vs.row(t, d) + f0;
     for (int64_t j = 0; j < n; ++j, v += d) {
       const __m256 pj = _mm256_set1_ps(p[t + j]);
 #pragma GCC unroll 16
@@ -667,6 +687,11 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     qprep.resize(static_cast<size_t>(nq * steps));  // every row: a short split takes the gemv order for all
     qdw.resize(static_cast<size_t>(gemv_from * dw));
     tb.resize(static_cast<size_t>(16 * dw));
+    for (int64_t r = 0; r < nq; r += qs.group) {  // every token's rows at once, not one miss after another
+      const char* src = reinterpret_cast<const char*>(qs.row(r));
+      for (int64_t off = 0; off < qs.group * d * static_cast<int64_t>(sizeof(T)); off += 64)
+        __builtin_prefetch(src + off, 0, 3);
+    }
     for (int64_t r = 0; r < gemv_from; ++r) {
       const uint32_t* src = reinterpret_cast<const uint32_t*>(qs.row(r));
       for (int64_t u = 0; u < dw; ++u) qdw[r * dw + u] = swap_words(src[u]);
@@ -856,7 +881,7 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
 #ifdef TS_AVX512_BF16
     if (fast) {
       if constexpr (fast_type) {
-        auto vrow = [&](int64_t t) { return reinterpret_cast<const at::BFloat16*>(vs.block(t) + (t % bs) * d); };
+        auto vrow = [&](int64_t t) { return reinterpret_cast<const at::BFloat16*>(vs.row(t, d)); };
         if (ymm8) {  // chunks of 8 keys from the split's start, each summed from zero and added
           const int64_t r1 = first_row(n0);
           auto run = [&](auto nr, int64_t r) {
@@ -887,11 +912,19 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
               const uint16_t* pr = pb + (rr + r) * ctx_even;
               if (d == 64) {
                 values_gemm_chunk<NR, 2>(pr, ctx_even, vrow, c0, c1, acc + (rr + r) * d);
-              } else {
+              } else if constexpr (NR <= 4) {  // (6-row groups are for head_dim 64 only)
                 values_gemm_chunk<NR, 4>(pr, ctx_even, vrow, c0, c1, acc + (rr + r) * d);
               }
             };
-            if (rr < gm_end) by_rows(gm_end - rr, run);
+            if (rr < gm_end) {
+              if (d == 64) {  // 6 rows' accumulators fit the registers: each V pair unpacked once for 6 rows
+                int64_t r6 = 0;
+                for (; r6 + 6 <= gm_end - rr; r6 += 6) run(std::integral_constant<int, 6>{}, r6);
+                by_rows(gm_end - rr - r6, [&](auto nr, int64_t r) { run(nr, r6 + r); });
+              } else {
+                by_rows(gm_end - rr, run);
+              }
+            }
           }
         }
         if (gv0 < nq) {  // gemv rows: the whole split (their tile ends at the last key: nend == n0 + width)
@@ -913,7 +946,7 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
     }
 #endif
     for (int64_t t0 = n0; t0 < nend;) {
-      const int64_t off = t0 % bs, n = std::min(bs - off, nend - t0), r0 = first_row(t0);
+      const int64_t off = vs.offset_of(t0), n = std::min(bs - off, nend - t0), r0 = first_row(t0);
       const T* vb = vs.block(t0) + off * d;
       if (r0 < nq) {
         for (int64_t j = 0; j < n; ++j) {
