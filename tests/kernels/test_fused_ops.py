@@ -331,6 +331,42 @@ def test_linear_vnni_wide_tiles_and_work_chunks_change_no_bits(m: int, k_chunk: 
                                                                 lead_chunk)))
 
 
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("n", [336, 352, 368])  # 21, 22, 23 blocks: 4-block groups end with 1, 2 or 3 blocks
+@pytest.mark.parametrize("k_chunk,lead,lead_chunk", [(0, 0, 0), (192, 1, 0), (64, 1, 128)])
+def test_linear_vnni_four_block_groups_change_no_bits(m: int, n: int, k_chunk: int, lead: int,
+                                                      lead_chunk: int) -> None:
+    """Calls of 1-2 rows take 4 output blocks per group (set_linear_quad_rows), each block's chain of dot products
+    in flight beside three others: the same sums as 2-block groups - with a bias, a last group of 1-3 blocks, a lead
+    row, K chunks and the SwiGLU epilogue (two gate/up pairs per group); a 3-row call is unchanged."""
+    from tierserve.model_executor.models.llama import interleave_gate_up
+
+    x = torch.randn(m, 576, generator=_g()).bfloat16() * 3
+    w = (torch.randn(n, 576, generator=_g(1)) * 0.05).bfloat16()
+    wp, bias = ops.pack_vnni(w), torch.randn(n, generator=_g(2)).bfloat16()
+    gate_up = interleave_gate_up(ops.pack_vnni(w[: n // 32 * 32]))
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        return (ops.linear_vnni(x, wp, bias, k_chunk, lead, lead_chunk),
+                ops.linear_vnni(x, gate_up, None, k_chunk, lead, lead_chunk, True))
+
+    quad = ops.linear_quad_rows()
+    try:
+        ops.set_linear_quad_rows(0)
+        two = run()
+        ops.set_linear_quad_rows(2)
+        four = run()
+        with pytest.raises(RuntimeError, match=">= 0"):
+            ops.set_linear_quad_rows(-1)
+    finally:
+        ops.set_linear_quad_rows(quad)
+    assert torch.equal(two[0], four[0]) and torch.equal(two[1], four[1])
+    xf = x.float()
+    ref = xf @ w.float().T + bias.float()
+    torch.testing.assert_close(four[0].float(), ref, atol=3e-2, rtol=1e-2)
+
+
 def test_linear_vnni_k_chunk_arguments() -> None:
     """Chunked sums equal the portable reference order: chunks of K from zero, added in order."""
     x = torch.randn(5, 70, generator=_g()).bfloat16()

@@ -53,6 +53,11 @@ int64_t g_wide_rows = 16;
 // one group for larger calls (where the rows' compute, not the stream, sets the time). Settable for A/B.
 int64_t g_chunk = 0;
 
+// Up to this many rows, a call's parallel unit is 4 output blocks (64 features), not 2: at one row each block's sum
+// is one chain of dot products as long as K (its order is the library's, so it cannot be split), and 4 chains in
+// flight instead of 2 keep more of the weights' stream going per core. Same sums. 0: never (A/B).
+int64_t g_quad_rows = 2;
+
 #ifdef TS_AVX512_BF16
 // Rows [m0, m0 + MR) of x against NB consecutive 16-output blocks; x rows are pair-padded (stride xs, even). The k
 // pairs are summed in chunks of kc pairs, each from zero, the chunk sums added in order (kc >= kp_count: one chunk).
@@ -88,12 +93,13 @@ inline void tile(const at::BFloat16* x, int64_t xs, const at::BFloat16* wp, int6
         for (int j = 0; j < NB; ++j) _mm512_store_ps(tot[r][j], acc[r][j]);
   }
   if constexpr (SW) {
-    static_assert(NB == 2, "the SwiGLU epilogue takes a (gate, up) block pair");
-    for (int r = 0; r < MR; ++r) {  // gate and up each rounded to bf16 as their own linears' outputs are
-      const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(acc[r][0]));
-      const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(acc[r][1]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ys), tierserve_vec::silu_mul16(g, u));
-    }
+    static_assert(NB % 2 == 0, "the SwiGLU epilogue takes (gate, up) block pairs");
+    for (int r = 0; r < MR; ++r)  // gate and up each rounded to bf16 as their own linears' outputs are
+      for (int j = 0; j < NB; j += 2) {
+        const __m512 g = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(acc[r][j]));
+        const __m512 u = tierserve_vec::bf16x16_to_f32(tierserve_vec::to_bf16(acc[r][j + 1]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ys + kLanes * (j / 2)), tierserve_vec::silu_mul16(g, u));
+      }
     return;
   }
   for (int r = 0; r < MR; ++r)
@@ -191,7 +197,7 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
 #ifdef TS_AVX512_BF16
   // Groups of 2 output blocks (32 features) are the parallel unit; within one, all rows of x, 8 at a time
   // (16 accumulators), so each group's weights (a few tens of KiB) come from memory once and from L1/L2 after.
-  constexpr int64_t kGroup = 2;
+  const int64_t kGroup = M <= g_quad_rows ? 4 : 2;
   const int64_t groups = (NBLK + kGroup - 1) / kGroup;
   int64_t chunk = g_chunk;
   if (chunk == 0)
@@ -232,7 +238,24 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
           at::BFloat16* yg = yp + m0 * NO + (swiglu ? b0 / 2 : b0) * kLanes;
           // the first row tile streams the weights in; at one to three rows the hardware prefetchers keep up
           const int64_t pf = m0 == 0 && M >= 4 ? g_prefetch : 0;
-          if (swiglu) {
+          if (nb == 4 && mr <= 2) {  // (kGroup 4: calls of 1-2 rows)
+            if (swiglu) {
+              if (mr == 1) tile<1, 4, true>(xp + m0 * xs, xs, wg, KP, kc, nullptr, yg, NO, pf);
+              else tile<2, 4, true>(xp + m0 * xs, xs, wg, KP, kc, nullptr, yg, NO, pf);
+            } else {
+              if (mr == 1) tile<1, 4>(xp + m0 * xs, xs, wg, KP, kc, bg, yg, NO, pf);
+              else tile<2, 4>(xp + m0 * xs, xs, wg, KP, kc, bg, yg, NO, pf);
+            }
+          } else if (nb > 2) {  // a 4-block group's last 3 blocks (or a larger call's): pairs, then one
+            for (int64_t j = 0; j < nb; j += 2) {
+              const int64_t nj = std::min<int64_t>(2, nb - j);
+              at::BFloat16* yj = yg + (swiglu ? j / 2 : j) * kLanes;
+              const float* bj = bg ? bg + j * kLanes : nullptr;
+              if (swiglu) rows_tile<2, true>(mr, xp + m0 * xs, xs, wg + j * block_elems, KP, kc, nullptr, yj, NO, pf);
+              else if (nj == 2) rows_tile<2>(mr, xp + m0 * xs, xs, wg + j * block_elems, KP, kc, bj, yj, NO, pf);
+              else rows_tile<1>(mr, xp + m0 * xs, xs, wg + j * block_elems, KP, kc, bj, yj, NO, pf);
+            }
+          } else if (swiglu) {
             rows_tile<2, true>(mr, xp + m0 * xs, xs, wg, KP, kc, nullptr, yg, NO, pf);
           } else if (nb == 2) {
             rows_tile<2>(mr, xp + m0 * xs, xs, wg, KP, kc, bg, yg, NO, pf);
@@ -288,6 +311,11 @@ void register_linear_vnni(pybind11::module& m) {
     g_chunk = groups;
   }, "linear_vnni's work chunk in 32-output groups (0: by row count)");
   m.def("linear_chunk", []() { return g_chunk; });
+  m.def("set_linear_quad_rows", [](int64_t rows) {
+    TORCH_CHECK(rows >= 0, "set_linear_quad_rows: a row count >= 0 (0: never)");
+    g_quad_rows = rows;
+  }, "linear_vnni's largest call taken in 4-block (64-output) groups, each block's dot products in flight together");
+  m.def("linear_quad_rows", []() { return g_quad_rows; });
   m.def("pack_vnni", &pack_vnni, "pack a bf16 weight [N, K] for linear_vnni (N a multiple of 16)", release());
   m.def("linear_vnni", &linear_vnni,
         "x @ w.T (+ bias) from a pack_vnni weight, bf16; K summed in chunks of k_chunk (lead_k_chunk for the first "
