@@ -357,8 +357,9 @@ def test_linear_vnni_four_block_groups_change_no_bits(m: int, n: int, k_chunk: i
         two = run()
         ops.set_linear_quad_rows(2)
         four = run()
-        with pytest.raises(RuntimeError, match=">= 0"):
-            ops.set_linear_quad_rows(-1)
+        for bad in (-1, 9):
+            with pytest.raises(RuntimeError, match=r"\[0, 8\]"):
+                ops.set_linear_quad_rows(bad)
     finally:
         ops.set_linear_quad_rows(quad)
     assert torch.equal(two[0], four[0]) and torch.equal(two[1], four[1])

@@ -312,7 +312,8 @@ void register_linear_vnni(pybind11::module& m) {
   }, "linear_vnni's work chunk in 32-output groups (0: by row count)");
   m.def("linear_chunk", []() { return g_chunk; });
   m.def("set_linear_quad_rows", [](int64_t rows) {
-    TORCH_CHECK(rows >= 0, "set_linear_quad_rows: a row count >= 0 (0: never)");
+    // (up to 8: the 16-row tiles of 9-16-row calls take their SwiGLU pairs from 2-block groups)
+    TORCH_CHECK(rows >= 0 && rows <= 8, "set_linear_quad_rows: a row count in [0, 8] (0: never)");
     g_quad_rows = rows;
   }, "linear_vnni's largest call taken in 4-block (64-output) groups, each block's dot products in flight together");
   m.def("linear_quad_rows", []() { return g_quad_rows; });
