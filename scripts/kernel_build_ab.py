@@ -64,13 +64,12 @@ def main() -> int:
     # OTHER as NAME=VALUE: this tree's build both ways, the model's attribute NAME (e.g. fused_decode) at its own
     # value ("this tree") against VALUE ("other")
     knob = args.other.split("=", 1) if "=" in args.other else None
-    other_mod = mine if knob else load_build(args.other)
-    builds: dict[str, ModuleType] = {"this tree": mine, "other": other_mod}
+    # with a knob, "other" is a stand-in module that `use` maps back to this build with the knob's VALUE
+    other = ModuleType("other") if knob else load_build(args.other)
+    builds: dict[str, ModuleType] = {"this tree": mine, "other": other}
     settings: dict[int, Any] = {}
     if knob:
-        settings = {id(mine): getattr(model, knob[0])}
-        builds["other"] = ModuleType("other")  # a distinct key object; `use` maps it back to this build
-        settings[id(builds["other"])] = _parse(knob[1], settings[id(mine)])
+        settings = {id(mine): getattr(model, knob[0]), id(other): _parse(knob[1], getattr(model, knob[0]))}
     for mod in builds.values():
         if hasattr(mod, "set_decode_order"):
             mod.set_decode_order(mine.decode_order())
