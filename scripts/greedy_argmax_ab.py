@@ -40,12 +40,12 @@ def main() -> int:
         return out
 
     model_runner.ModelRunner.execute = timed  # type: ignore[method-assign]
-    new_argmax, new_plain = sampler._argmax, sampler._plain_greedy
+    new_argmax, new_plain = sampler._argmax, sampler.plain_greedy
 
     def use(way: str) -> None:
         old = way == "old"
         sampler._argmax = (lambda x: x.max(dim=-1).indices) if old else new_argmax  # type: ignore[assignment]
-        sampler._plain_greedy = (lambda reqs: False) if old else new_plain  # type: ignore[assignment]
+        sampler.plain_greedy = (lambda reqs: False) if old else new_plain  # type: ignore[assignment]
 
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     for b in (int(x) for x in args.batch.split(",")):

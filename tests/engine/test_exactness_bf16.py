@@ -97,3 +97,23 @@ def test_transformers_bf16_against_itself(hf_bf16: Any, refs: list[Generated], p
     print(f"[bf16] transformers batched vs one at a time: {c.identical_tokens}/{c.total_tokens} = "
           f"{c.fraction_identical:.2%}, near-tie flips: {c.near_tie_flips}")
     assert not c.failures, c.failures
+
+
+def test_bf16_screened_greedy_head_gives_the_same_tokens(refs: list[Generated], prompt_ids: list[list[int]]) -> None:
+    """Plain greedy rows (no logprobs: the other tests ask for them) take their tokens from the LM head's int8
+    screen (``greedy_head``) where the native kernels have it: the same tokens as the full head, and transformers'."""
+    llm = LLM(dtype="bfloat16", kv_cache_memory="256MiB")
+    model = llm.engine.runner.model
+    sp = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    if model.screen is None:
+        pytest.skip("no int8 screen on this path (no AVX-512 VNNI, or the head does not run linear_vnni)")
+    assert model.screens(len(prompt_ids), len(prompt_ids))
+    screened = [list(o.outputs[0].token_ids) for o in llm.generate(prompt_ids, sp, use_tqdm=False)]
+    model.screen_max_rows = 0
+    try:
+        full = [list(o.outputs[0].token_ids) for o in llm.generate(prompt_ids, sp, use_tqdm=False)]
+    finally:
+        model.screen_max_rows = type(model).screen_max_rows
+    assert screened == full
+    same = sum(a == b for s, r in zip(screened, refs) for a, b in zip(s, r.token_ids))
+    assert same / sum(len(s) for s in screened) >= FLOOR

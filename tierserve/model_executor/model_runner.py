@@ -18,7 +18,7 @@ from tierserve.errors import OutOfKVCacheMemoryError
 from tierserve.model_executor.attention import AttentionMetadata, get_backend, resolve_backend_name
 from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
 from tierserve.model_executor.models.llama import LlamaForCausalLM
-from tierserve.model_executor.sampler import SamplerOutput, sample
+from tierserve.model_executor.sampler import SamplerOutput, plain_greedy, sample
 from tierserve.request import Request
 from tierserve.utils.cpu import cpu_info
 from tierserve.utils.hugepages import thp_mode
@@ -201,5 +201,8 @@ class ModelRunner:
                        torch.empty(0, dtype=torch.long, device=self.device))
             return ModelRunnerOutput([], SamplerOutput([], None, []))
         idx = torch.tensor(logits_idx, dtype=torch.long, device=self.device)
+        if plain_greedy(sampled) and self.model.screens(len(sampled), len(input_ids)):
+            tokens = self.model(input_ids, positions, self.kv_caches, self.attn, meta, idx, greedy=True)
+            return ModelRunnerOutput(sampled, SamplerOutput(tokens.tolist(), None, [None] * len(sampled)))
         logits = self.model(input_ids, positions, self.kv_caches, self.attn, meta, idx)
         return ModelRunnerOutput(sampled, sample(logits, sampled))

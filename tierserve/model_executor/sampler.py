@@ -110,7 +110,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
-def _plain_greedy(reqs: list[Request]) -> bool:
+def plain_greedy(reqs: list[Request]) -> bool:
     """Every row takes the argmax of the raw logits: greedy, no logprobs, no penalties, no min_tokens masking."""
     for r in reqs:
         sp = r.sampling_params
@@ -124,7 +124,7 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
     """``logits`` [len(reqs), vocab] in the model's compute dtype, row i for ``reqs[i]``. A batch of plain greedy
     rows takes the argmax of the logits as they are; anything else works on a float32 copy."""
     n = logits.shape[0]
-    if _plain_greedy(reqs):
+    if plain_greedy(reqs):
         return SamplerOutput(_argmax(logits).tolist(), None, [None] * n)
     logits = logits.float()
     want_lp = [r.sampling_params.logprobs for r in reqs]

@@ -22,8 +22,13 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "parallel.h"
 #include "ts_silu.h"
@@ -294,6 +299,246 @@ torch::Tensor linear_vnni(const torch::Tensor& x, const torch::Tensor& wp, const
   return y;
 }
 
+// ---- Greedy LM head by screening ----------------------------------------------------------------------------------
+// A plain greedy step needs only the argmax of each row's logits, and at a few rows the LM head's cost is reading its
+// weights (the largest matrix of a small model: 56 MB of the default model's 269). greedy_head reads an int8 copy
+// instead (half the bytes) to get every logit within a proven bound, then computes exactly - with the same tile and
+// K chunks as linear_vnni, so bit for bit the same bf16 values - only the 16-output blocks that can hold the maximum.
+// The token is the one linear_vnni + argmax_rows would give (first of equal maxima), never an approximation.
+//
+// Screen weights (tierserve.model_executor.models.llama.screen_weights): w8 [ceil(N/64), KP, 64, 2] int8 (each group
+// of 4 blocks one sequential run: four 9 KiB streams per group read at 26 GB/s, one at 35), row v = round(w_v / s_v)
+// with s_v = max|w_v| / 127; per row a[v] and c[v] (fp32, rounded up) such that for any x with H1 = sum |x_i| and
+// the x quantisation below (|x_i - s_x x16_i| <= 0.51 s_x),
+//   |bf16 logit_v - l'_v| <= B_v,  l'_v = s_v s_x sum_i w8_vi x16_i (int32, exact)
+// with E = a_v H1 + c_v s_x (a_v: max_i |w_vi - s_v w8_vi| plus the fp32 accumulation bound gamma_K max|w_v|; c_v:
+// 0.51 s_v sum |w8_v|) and B_v = E (1 + 2^-10) + (|l'_v| + E)(2^-8 + 2^-18) (the rounding of the logit to bf16, and of
+// l', H1 and B themselves, inside the margins). T = max_v (l'_v - B_v) is then at most the largest logit, and every
+// v with l'_v + B_v < T is below it: only the other blocks are computed. On the default model's logits a row keeps a
+// median of ~4 candidate outputs (p99 ~40) of 49152.
+#if defined(TS_AVX512_BF16) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TS_SCREEN 1
+#endif
+
+namespace {
+#ifdef TS_SCREEN
+// Screened logits l' and bounds B of rows [0, MR) (MR 1 or 2) against a group of 4 consecutive 16-output blocks
+// (nb <= 4 of them real), the group's int8 weights one run of [KP, 64, 2]. Named accumulators, not an array: GCC
+// kept an array of them on the stack (a load and a store around every dot product).
+template <int MR>
+inline void screen_tile(const int32_t* xq, int64_t xqs, const int8_t* wg, int64_t kp_count, int nb, const float* s,
+                        const float* a, const float* c, const float* sx, const float* h1, float* lq, float* bnd,
+                        int64_t ls, __m512* tmax) {
+  __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  auto wv = [](const int8_t* p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  };
+  for (int64_t kp = 0; kp < kp_count; ++kp) {
+    const int8_t* p = wg + kp * 8 * kLanes;
+    const __m512i v0 = wv(p), v1 = wv(p + 2 * kLanes), v2 = wv(p + 4 * kLanes), v3 = wv(p + 6 * kLanes);
+    const __m512i x0 = _mm512_set1_epi32(xq[kp]);
+    a00 = _mm512_dpwssd_epi32(a00, x0, v0);
+    a01 = _mm512_dpwssd_epi32(a01, x0, v1);
+    a02 = _mm512_dpwssd_epi32(a02, x0, v2);
+    a03 = _mm512_dpwssd_epi32(a03, x0, v3);
+    if constexpr (MR == 2) {
+      const __m512i x1 = _mm512_set1_epi32(xq[xqs + kp]);
+      a10 = _mm512_dpwssd_epi32(a10, x1, v0);
+      a11 = _mm512_dpwssd_epi32(a11, x1, v1);
+      a12 = _mm512_dpwssd_epi32(a12, x1, v2);
+      a13 = _mm512_dpwssd_epi32(a13, x1, v3);
+    }
+  }
+  const __m512i acc[2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
+  const __m512 m1 = _mm512_set1_ps(1.0f + 0x1p-10f), m2 = _mm512_set1_ps(0x1p-8f + 0x1p-18f);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int j = 0; j < nb; ++j) {
+    const __m512 av = _mm512_loadu_ps(a + j * kLanes), cv = _mm512_loadu_ps(c + j * kLanes);
+    const __m512 sv = _mm512_loadu_ps(s + j * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 l = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), sv), _mm512_set1_ps(sx[r]));
+      const __m512 e = _mm512_fmadd_ps(av, _mm512_set1_ps(h1[r]), _mm512_mul_ps(cv, _mm512_set1_ps(sx[r])));
+      const __m512 b = _mm512_fmadd_ps(_mm512_add_ps(_mm512_and_ps(l, abs_mask), e), m2, _mm512_mul_ps(e, m1));
+      _mm512_storeu_ps(lq + r * ls + j * kLanes, l);
+      _mm512_storeu_ps(bnd + r * ls + j * kLanes, b);
+      tmax[r] = _mm512_max_ps(tmax[r], _mm512_sub_ps(l, b));
+    }
+  }
+}
+#endif
+}  // namespace
+
+// tokens [M] int64 = argmax_rows(linear_vnni(x, wp, None, 0, M, k_chunk)) for a bf16 x [M, K], through the screen.
+torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const torch::Tensor& w8,
+                          const torch::Tensor& scale, const torch::Tensor& a, const torch::Tensor& c,
+                          int64_t k_chunk) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "greedy_head: x must be [M, K] bf16");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == kLanes && wp.size(3) == 2 && wp.is_contiguous() &&
+                  wp.scalar_type() == at::kBFloat16, "greedy_head: weight must come from pack_vnni");
+  const int64_t M = x.size(0), K = x.size(1), KP = wp.size(1), NBLK = wp.size(0), N = NBLK * kLanes;
+  TORCH_CHECK(w8.dim() == 4 && w8.size(0) == (NBLK + 3) / 4 && w8.size(1) == KP && w8.size(2) == 4 * kLanes &&
+                  w8.size(3) == 2 && w8.scalar_type() == at::kChar && w8.is_contiguous(),
+              "greedy_head: w8 must be int8 [ceil(N / 64), KP, 64, 2] (screen_weights)");
+  TORCH_CHECK((K + 1) / 2 == KP, "greedy_head: x has ", K, " features, the packed weight ", 2 * KP);
+  for (const auto* t : {&scale, &a, &c})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == N && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "greedy_head: scale, a and c must be float32 [N]");
+  TORCH_CHECK(k_chunk >= 0 && k_chunk % 2 == 0, "greedy_head: k_chunk must be even and >= 0 (0: none)");
+  auto out = torch::empty({M}, x.options().dtype(at::kLong));
+  if (M == 0) return out;
+  int64_t* tok = out.data_ptr<int64_t>();
+  auto xc = (K % 2 ? torch::constant_pad_nd(x, {0, 1}) : x).contiguous();
+  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+  const at::BFloat16* w = wp.data_ptr<at::BFloat16>();
+  const int64_t xs = 2 * KP, block_elems = KP * 2 * kLanes, kc = k_chunk ? k_chunk / 2 : KP;
+  // exact bf16 outputs of block b for row r (linear_vnni's tile: the same sums)
+  auto exact_block = [&](int64_t r, int64_t b, at::BFloat16* o) {
+#ifdef TS_AVX512_BF16
+    tile<1, 1>(xp + r * xs, xs, w + b * block_elems, KP, kc, nullptr, o, kLanes, 0);
+#else
+    for (int64_t l = 0; l < kLanes; ++l) {
+      float sum = 0.f;
+      for (int64_t c0 = 0; c0 < KP; c0 += kc) {
+        float part = 0.f;
+        for (int64_t kp = c0; kp < std::min(KP, c0 + kc); ++kp) {
+          const at::BFloat16* wv = w + b * block_elems + (kp * kLanes + l) * 2;
+          part += tierserve_vec::f32(xp[r * xs + 2 * kp + 1]) * tierserve_vec::f32(wv[1]);
+          part += tierserve_vec::f32(xp[r * xs + 2 * kp]) * tierserve_vec::f32(wv[0]);
+        }
+        sum = c0 ? sum + part : part;
+      }
+      o[l] = static_cast<at::BFloat16>(sum);
+    }
+#endif
+  };
+  // argmax over the given blocks (ascending) of row r, as argmax_rows: first of equal maxima, a NaN wins at once
+  auto argmax_blocks = [&](int64_t r, const std::vector<int64_t>& blocks) {
+    int64_t best = -1;
+    float bv = 0.f;
+    alignas(64) at::BFloat16 o[kLanes];
+    for (int64_t b : blocks) {
+      exact_block(r, b, o);
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float v = tierserve_vec::f32(o[l]);
+        if (std::isnan(v)) return b * kLanes + l;
+        if (best < 0 || v > bv) best = b * kLanes + l, bv = v;
+      }
+    }
+    return best;
+  };
+  std::vector<int64_t> all_blocks;
+  auto full_row = [&](int64_t r) {
+    if (all_blocks.empty())
+      for (int64_t b = 0; b < NBLK; ++b) all_blocks.push_back(b);
+    return argmax_blocks(r, all_blocks);
+  };
+#ifdef TS_SCREEN
+  // x quantised per row to int16 pairs (dwords), small enough that no int32 sum can overflow
+  const int64_t qmax = std::min<int64_t>(32767, (int64_t{2147483647} / (127 * 2 * KP)));
+  std::vector<int32_t> xq(static_cast<size_t>(M * KP));
+  std::vector<float> sx(M), h1(M);
+  std::vector<char> screened(M, 1);
+  for (int64_t r = 0; r < M; ++r) {
+    float amax = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < 2 * KP; ++i) {
+      const float v = std::fabs(tierserve_vec::f32(xp[r * xs + i]));
+      amax = std::max(amax, v);  // (a NaN is not taken by max: the sum below catches it)
+      sum += v;
+    }
+    if (!std::isfinite(sum) || !std::isfinite(amax) || qmax < 127) {  // (qmax: a K of over ~130000 features)
+      screened[r] = 0;
+      sx[r] = 1.f;
+      h1[r] = 0.f;
+      continue;
+    }
+    sx[r] = amax > 0.f ? amax / static_cast<float>(qmax) : 1.f;
+    h1[r] = sum * (1.0f + static_cast<float>(4 * KP) * 0x1p-24f);  // twice the bound of the sum's rounding
+    const float inv = 1.0f / sx[r];
+    for (int64_t kp = 0; kp < KP; ++kp) {
+      const long lo = std::lrintf(tierserve_vec::f32(xp[r * xs + 2 * kp]) * inv);
+      const long hi = std::lrintf(tierserve_vec::f32(xp[r * xs + 2 * kp + 1]) * inv);
+      const int64_t clo = std::clamp<long>(lo, -qmax, qmax), chi = std::clamp<long>(hi, -qmax, qmax);
+      xq[r * KP + kp] = static_cast<int32_t>((static_cast<uint32_t>(chi) << 16) | (static_cast<uint32_t>(clo) & 0xffff));
+    }
+  }
+  const int8_t* w8p = w8.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  // kept between calls: fresh pages for these (0.4 MB a row) cost more than the screen
+  static thread_local std::vector<float> lq_buf, bnd_buf;
+  if (lq_buf.size() < static_cast<size_t>(M * N)) {
+    lq_buf.resize(static_cast<size_t>(M * N));
+    bnd_buf.resize(static_cast<size_t>(M * N));
+  }
+  float* lqp = lq_buf.data();
+  float* bndp = bnd_buf.data();
+  const int threads = at::get_num_threads();
+  std::vector<float> tmax(static_cast<size_t>(threads * M), -std::numeric_limits<float>::infinity());
+  constexpr int64_t kGroup = 4;
+  const int64_t groups = (NBLK + kGroup - 1) / kGroup;
+  const int64_t chunk = std::max<int64_t>(1, groups / (4 * threads));
+  std::atomic<int> slot{0};
+  tierserve_par::dynamic_for(groups, chunk, [&](auto each) {
+    const int me = slot.fetch_add(1);
+    __m512 tm[2];
+    std::vector<__m512> tv(static_cast<size_t>(M), _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    each([&](int64_t gb, int64_t ge) {
+      for (int64_t g = gb; g < ge; ++g) {
+        const int64_t b0 = g * kGroup, nb = std::min(kGroup, NBLK - b0);
+        const int8_t* wg = w8p + g * KP * 8 * kLanes;
+        for (int64_t r0 = 0; r0 < M; r0 += 2) {  // the group's int8 weights from memory once, then from L1/L2
+          const int64_t mr = std::min<int64_t>(2, M - r0);
+          for (int r = 0; r < mr; ++r) tm[r] = tv[r0 + r];
+          const int32_t* xr = xq.data() + r0 * KP;
+          const float* sv = sp + b0 * kLanes;
+          const float* av = ap + b0 * kLanes;
+          const float* cv = cp + b0 * kLanes;
+          float* l = lqp + r0 * N + b0 * kLanes;
+          float* bb = bndp + r0 * N + b0 * kLanes;
+          if (mr == 2) {
+            screen_tile<2>(xr, KP, wg, KP, static_cast<int>(nb), sv, av, cv, sx.data() + r0, h1.data() + r0, l, bb,
+                           N, tm);
+          } else {
+            screen_tile<1>(xr, KP, wg, KP, static_cast<int>(nb), sv, av, cv, sx.data() + r0, h1.data() + r0, l, bb,
+                           N, tm);
+          }
+          for (int r = 0; r < mr; ++r) tv[r0 + r] = tm[r];
+        }
+      }
+    });
+    for (int64_t r = 0; r < M; ++r) tmax[me * M + r] = _mm512_reduce_max_ps(tv[r]);
+  });
+  at::parallel_for(0, M, 1, [&](int64_t rb, int64_t re) {
+    std::vector<int64_t> blocks;
+    for (int64_t r = rb; r < re; ++r) {
+      if (!screened[r]) {
+        tok[r] = -1;
+        continue;
+      }
+      float t = -std::numeric_limits<float>::infinity();
+      for (int i = 0; i < threads; ++i) t = std::max(t, tmax[i * M + r]);
+      blocks.clear();
+      const float* l = lqp + r * N;
+      const float* bb = bndp + r * N;
+      const __m512 tv = _mm512_set1_ps(t);
+      for (int64_t b = 0; b < NBLK; ++b) {
+        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_add_ps(_mm512_loadu_ps(l + b * kLanes),
+                                                                _mm512_loadu_ps(bb + b * kLanes)), tv, _CMP_GE_OQ);
+        if (keep) blocks.push_back(b);
+      }
+      tok[r] = blocks.empty() || !std::isfinite(t) ? -1 : argmax_blocks(r, blocks);
+    }
+  });
+  for (int64_t r = 0; r < M; ++r)
+    if (tok[r] < 0) tok[r] = full_row(r);  // not screened (a non-finite input) or nothing kept: every block
+#else
+  (void)w8, (void)scale, (void)a, (void)c;
+  for (int64_t r = 0; r < M; ++r) tok[r] = full_row(r);
+#endif
+  return out;
+}
+
 void register_linear_vnni(pybind11::module& m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("set_linear_prefetch", [](int64_t k_pairs) {
@@ -317,6 +562,16 @@ void register_linear_vnni(pybind11::module& m) {
     g_quad_rows = rows;
   }, "linear_vnni's largest call taken in 4-block (64-output) groups, each block's dot products in flight together");
   m.def("linear_quad_rows", []() { return g_quad_rows; });
+  m.def("greedy_head", &greedy_head,
+        "greedy tokens of x @ w.T through an int8 screen (see linear_vnni.cpp): argmax_rows(linear_vnni(x, wp, None, "
+        "0, M, k_chunk)) without computing every logit",
+        pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("w8"), pybind11::arg("scale"), pybind11::arg("a"),
+        pybind11::arg("c"), pybind11::arg("k_chunk") = 0, release());
+#ifdef TS_SCREEN
+  m.attr("has_screen") = true;
+#else
+  m.attr("has_screen") = false;
+#endif
   m.def("pack_vnni", &pack_vnni, "pack a bf16 weight [N, K] for linear_vnni (N a multiple of 16)", release());
   m.def("linear_vnni", &linear_vnni,
         "x @ w.T (+ bias) from a pack_vnni weight, bf16; K summed in chunks of k_chunk (lead_k_chunk for the first "

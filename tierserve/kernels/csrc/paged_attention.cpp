@@ -146,48 +146,60 @@ inline void gemv_prepare_q(const at::BFloat16* q, __m512i* out) {
   }
 }
 
-// Gemv-order scores of nrows prepared rows against n <= 4 consecutive keys (rows of 32 * DH bf16).
-template <int DH>
+// Gemv-order scores of nrows prepared rows against n <= 4 * NG consecutive keys (rows of 32 * DH bf16), n > 4 * (NG -
+// 1): NG groups of 4 keys at once, so that 3 * NG chains are in flight (a chain's dot-product latency is several times
+// its issue rate) and each q step is loaded once for all groups.
+template <int DH, int NG = 1>
 inline void scores_gemv4(const __m512i* qprep, int64_t nrows, const at::BFloat16* k, int n, float scale, float* out,
                          int64_t out_stride) {
   constexpr int64_t d = 32 * DH;
-  __m512i t[4 * DH];
-  for (int h = 0; h < DH; ++h) {
-    __m512i a[4];
-    for (int r = 0; r < 4; ++r)  // key r in lane r; step u of every key in t[u]
-      a[r] = r < n ? gemv_perm(_mm512_loadu_si512(k + r * d + 32 * h)) : _mm512_setzero_si512();
-    transpose4x128(a, t + 4 * h);
+  __m512i t[NG][4 * DH];
+  for (int g = 0; g < NG; ++g) {
+    for (int h = 0; h < DH; ++h) {
+      __m512i a[4];
+      for (int r = 0; r < 4; ++r)  // key r in lane r; step u of every key in t[g][u]
+        a[r] = 4 * g + r < n ? gemv_perm(_mm512_loadu_si512(k + (4 * g + r) * d + 32 * h)) : _mm512_setzero_si512();
+      transpose4x128(a, t[g] + 4 * h);
+    }
   }
-  const __mmask8 keep = static_cast<__mmask8>((1u << n) - 1u);
   const __m128 sc = _mm_set1_ps(scale);
-  auto finish = [&](__m512 acc, int64_t i) __attribute__((always_inline)) {
+  auto finish = [&](__m512 acc, int64_t i, int g) __attribute__((always_inline)) {
     const __m512 x = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));  // c0 + c2, c1 + c3
     const __m512 y = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));      // (c0 + c2) + (c1 + c3)
     const __m128 s = _mm_mul_ps(_mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, y)), sc);
-    if (n == 4) {
-      _mm_storeu_ps(out + i * out_stride, s);
+    const int ng = n - 4 * g;
+    if (ng >= 4) {
+      _mm_storeu_ps(out + i * out_stride + 4 * g, s);
     } else {
-      _mm_mask_storeu_ps(out + i * out_stride, keep, s);
+      _mm_mask_storeu_ps(out + i * out_stride + 4 * g, static_cast<__mmask8>((1u << ng) - 1u), s);
     }
   };
   int64_t i = 0;
   for (; i + 3 <= nrows; i += 3) {  // three rows' chains interleaved (a GQA group), so their latencies overlap
     const __m512i* q = qprep + i * 4 * DH;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0;
+    __m512 a[NG][3];
+    for (int g = 0; g < NG; ++g) a[g][0] = a[g][1] = a[g][2] = _mm512_setzero_ps();
     for (int u = 0; u < 4 * DH; ++u) {
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)q[u], (__m512bh)t[u]);
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)q[4 * DH + u], (__m512bh)t[u]);
-      a2 = _mm512_dpbf16_ps(a2, (__m512bh)q[8 * DH + u], (__m512bh)t[u]);
+      const __m512i q0 = q[u], q1 = q[4 * DH + u], q2 = q[8 * DH + u];
+      for (int g = 0; g < NG; ++g) {
+        a[g][0] = _mm512_dpbf16_ps(a[g][0], (__m512bh)q0, (__m512bh)t[g][u]);
+        a[g][1] = _mm512_dpbf16_ps(a[g][1], (__m512bh)q1, (__m512bh)t[g][u]);
+        a[g][2] = _mm512_dpbf16_ps(a[g][2], (__m512bh)q2, (__m512bh)t[g][u]);
+      }
     }
-    finish(a0, i);
-    finish(a1, i + 1);
-    finish(a2, i + 2);
+    for (int g = 0; g < NG; ++g) {
+      finish(a[g][0], i, g);
+      finish(a[g][1], i + 1, g);
+      finish(a[g][2], i + 2, g);
+    }
   }
   for (; i < nrows; ++i) {
     const __m512i* q = qprep + i * 4 * DH;
-    __m512 acc = _mm512_setzero_ps();
-    for (int u = 0; u < 4 * DH; ++u) acc = _mm512_dpbf16_ps(acc, (__m512bh)q[u], (__m512bh)t[u]);
-    finish(acc, i);
+    __m512 a[NG];
+    for (int g = 0; g < NG; ++g) a[g] = _mm512_setzero_ps();
+    for (int u = 0; u < 4 * DH; ++u)
+      for (int g = 0; g < NG; ++g) a[g] = _mm512_dpbf16_ps(a[g], (__m512bh)q[u], (__m512bh)t[g][u]);
+    for (int g = 0; g < NG; ++g) finish(a[g], i, g);
   }
 }
 
@@ -777,14 +789,17 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
             }
           }
           const int64_t g0 = std::max(gv0, w <= 3 ? tree_end : gv0);  // gemv rows not in the 8-chain tree case
-          for (int j1 = 0; g0 < nq && j1 < m; j1 += 4) {
-            const int m4 = std::min(4, m - j1);
+          for (int j1 = 0; g0 < nq && j1 < m; j1 += 8) {  // 8 keys at a time (two groups of 4)
+            const int m8 = std::min(8, m - j1);
             const __m512i* q = qprep.data() + g0 * (d / 8);
+            const at::BFloat16* kj = kbb + (j0 + j1) * d;
             float* o = sc + g0 * ctx + t0 + j0 + j1;
             if (d == 64) {
-              scores_gemv4<2>(q, nq - g0, kbb + (j0 + j1) * d, m4, scale, o, ctx);
+              if (m8 > 4) scores_gemv4<2, 2>(q, nq - g0, kj, m8, scale, o, ctx);
+              else scores_gemv4<2>(q, nq - g0, kj, m8, scale, o, ctx);
             } else {
-              scores_gemv4<4>(q, nq - g0, kbb + (j0 + j1) * d, m4, scale, o, ctx);
+              if (m8 > 4) scores_gemv4<4, 2>(q, nq - g0, kj, m8, scale, o, ctx);
+              else scores_gemv4<4>(q, nq - g0, kj, m8, scale, o, ctx);
             }
           }
           for (int64_t r = r0; r < std::min(tree_end, nq); ++r) {  // 2-3 key splits, >= 2 rows: 8 chains, tree
