@@ -458,7 +458,8 @@ torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const
       const long lo = std::lrintf(tierserve_vec::f32(xp[r * xs + 2 * kp]) * inv);
       const long hi = std::lrintf(tierserve_vec::f32(xp[r * xs + 2 * kp + 1]) * inv);
       const int64_t clo = std::clamp<long>(lo, -qmax, qmax), chi = std::clamp<long>(hi, -qmax, qmax);
-      xq[r * KP + kp] = static_cast<int32_t>((static_cast<uint32_t>(chi) << 16) | (static_cast<uint32_t>(clo) & 0xffff));
+      xq[r * KP + kp] =
+          static_cast<int32_t>((static_cast<uint32_t>(chi) << 16) | (static_cast<uint32_t>(clo) & 0xffff));
     }
   }
   const int8_t* w8p = w8.data_ptr<int8_t>();
