@@ -384,6 +384,10 @@ torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const
     TORCH_CHECK(t->dim() == 1 && t->numel() == N && t->scalar_type() == at::kFloat && t->is_contiguous(),
                 "greedy_head: scale, a and c must be float32 [N]");
   TORCH_CHECK(k_chunk >= 0 && k_chunk % 2 == 0, "greedy_head: k_chunk must be even and >= 0 (0: none)");
+#ifndef TS_SCREEN
+  TORCH_CHECK(false, "greedy_head needs AVX-512-BF16 and AVX-512 VNNI (has_screen is false on this CPU)");
+  return torch::Tensor();
+#else
   auto out = torch::empty({M}, x.options().dtype(at::kLong));
   if (M == 0) return out;
   int64_t* tok = out.data_ptr<int64_t>();
@@ -393,23 +397,7 @@ torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const
   const int64_t xs = 2 * KP, block_elems = KP * 2 * kLanes, kc = k_chunk ? k_chunk / 2 : KP;
   // exact bf16 outputs of block b for row r (linear_vnni's tile: the same sums)
   auto exact_block = [&](int64_t r, int64_t b, at::BFloat16* o) {
-#ifdef TS_AVX512_BF16
     tile<1, 1>(xp + r * xs, xs, w + b * block_elems, KP, kc, nullptr, o, kLanes, 0);
-#else
-    for (int64_t l = 0; l < kLanes; ++l) {
-      float sum = 0.f;
-      for (int64_t c0 = 0; c0 < KP; c0 += kc) {
-        float part = 0.f;
-        for (int64_t kp = c0; kp < std::min(KP, c0 + kc); ++kp) {
-          const at::BFloat16* wv = w + b * block_elems + (kp * kLanes + l) * 2;
-          part += tierserve_vec::f32(xp[r * xs + 2 * kp + 1]) * tierserve_vec::f32(wv[1]);
-          part += tierserve_vec::f32(xp[r * xs + 2 * kp]) * tierserve_vec::f32(wv[0]);
-        }
-        sum = c0 ? sum + part : part;
-      }
-      o[l] = static_cast<at::BFloat16>(sum);
-    }
-#endif
   };
   // argmax over the given blocks (ascending) of row r, as argmax_rows: first of equal maxima, a NaN wins at once
   auto argmax_blocks = [&](int64_t r, const std::vector<int64_t>& blocks) {
@@ -432,7 +420,6 @@ torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const
       for (int64_t b = 0; b < NBLK; ++b) all_blocks.push_back(b);
     return argmax_blocks(r, all_blocks);
   };
-#ifdef TS_SCREEN
   // x quantised per row to int16 pairs (dwords), small enough that no int32 sum can overflow
   const int64_t qmax = std::min<int64_t>(32767, (int64_t{2147483647} / (127 * 2 * KP)));
   std::vector<int32_t> xq(static_cast<size_t>(M * KP));
@@ -533,11 +520,8 @@ torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const
   });
   for (int64_t r = 0; r < M; ++r)
     if (tok[r] < 0) tok[r] = full_row(r);  // not screened (a non-finite input) or nothing kept: every block
-#else
-  (void)w8, (void)scale, (void)a, (void)c;
-  for (int64_t r = 0; r < M; ++r) tok[r] = full_row(r);
-#endif
   return out;
+#endif
 }
 
 void register_linear_vnni(pybind11::module& m) {
