@@ -97,7 +97,7 @@ class ModelRunner:
                 # SiLU-and-multiply as the gate/up projection's epilogue wherever every step runs the native linear
                 # (not on AMX CPUs without the tile kernel, whose large steps take oneDNN on the plain weights)
                 swiglu = amx or not cpu_info().has_amx
-                extra = self.model.pack_vnni_weights(ops, measure_chunks=not amx, swiglu=swiglu)
+                extra = self.model.pack_vnni_weights(ops, measure_chunks=not amx, swiglu=swiglu, screen=not amx)
                 logger.info("packed %.0f MiB of bf16 weights for the native AVX-512-BF16 / AMX linear", extra / 2**20)
                 if amx:
                     # the same packed weights are AMX weight tiles: every projection on the tile unit

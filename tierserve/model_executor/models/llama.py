@@ -260,11 +260,13 @@ class LlamaForCausalLM(nn.Module):
         weights.append(self.embed if self.lm_head is None else self.lm_head)
         return weights
 
-    def pack_vnni_weights(self, ops: ModuleType, measure_chunks: bool = True, swiglu: bool = False) -> int:
+    def pack_vnni_weights(self, ops: ModuleType, measure_chunks: bool = True, swiglu: bool = False,
+                          screen: bool = True) -> int:
         """Keep ``linear_vnni`` copies of the bf16 projection and head weights, in one huge-page arena in step order,
         and measure the K blocking of torch's linear for each shape (``vnni_k_chunks``). Returns the bytes held.
         ``swiglu``: the gate/up copies are laid out for the SwiGLU epilogue of ``linear_amx`` / ``linear_vnni``
-        instead (gate and up block i side by side), and the model calls it for silu(gate) * up."""
+        instead (gate and up block i side by side), and the model calls it for silu(gate) * up. ``screen``: also the
+        LM head's int8 screen for ``greedy_head`` (where the kernels have it; not on AMX tiles, which never use it)."""
         from tierserve.kernels.linear_order import torch_k_chunks
         from tierserve.utils.hugepages import move_to_arena
 
@@ -276,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
         arena = move_to_arena(packed)
         self.vnni = {id(w): p for w, p in zip(weights, packed)}
         head = weights[-1]
-        self.screen = screen_weights(head.data) if getattr(ops, "has_screen", False) else None
+        self.screen = screen_weights(head.data) if screen and getattr(ops, "has_screen", False) else None
         by_shape: dict[tuple[int, int, bool], tuple[int, int]] = {}
         self.vnni_k_chunks = {}
         for w in weights if measure_chunks else []:
