@@ -201,7 +201,8 @@ class ModelRunner:
                        torch.empty(0, dtype=torch.long, device=self.device))
             return ModelRunnerOutput([], SamplerOutput([], None, []))
         idx = torch.tensor(logits_idx, dtype=torch.long, device=self.device)
-        if plain_greedy(sampled) and self.model.screens(len(sampled), len(input_ids)):
+        # (size first: where the screen declines, sample() makes the only plain_greedy pass over the rows)
+        if self.model.screens(len(sampled), len(input_ids)) and plain_greedy(sampled):
             tokens = self.model(input_ids, positions, self.kv_caches, self.attn, meta, idx, greedy=True)
             return ModelRunnerOutput(sampled, SamplerOutput(tokens.tolist(), None, [None] * len(sampled)))
         logits = self.model(input_ids, positions, self.kv_caches, self.attn, meta, idx)
