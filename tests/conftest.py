@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.reference import TEST_DEVICE
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +26,7 @@ def gguf_path() -> Path:
 def llm_fp32() -> Iterator[object]:
     from tierserve import LLM
 
-    llm = LLM(dtype="float32", kv_cache_memory="512MiB")
+    llm = LLM(dtype="float32", kv_cache_memory="512MiB", device=TEST_DEVICE)
     yield llm
 
 
@@ -32,7 +35,8 @@ def hf_model(gguf_path: Path) -> object:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.to(TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ log-probabilities at that position; after such a flip the sequences are no longe
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from typing import Any
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+TEST_DEVICE = os.environ.get("TIERSERVE_TEST_DEVICE", "cpu")
+"""Where the exactness tests run, the engine and transformers alike: cpu, or cuda on a GPU machine
+(``scripts/device/bar5.sh`` runs the float32 exactness tests there)."""
 
 
 def exactness_prompts() -> list[str]:
@@ -29,7 +34,7 @@ class Generated:
 
 
 def hf_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int) -> Generated:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, output_scores=True, return_dict_in_generate=True,

@@ -39,5 +39,16 @@ def test_throughput_json(tmp_path: Path) -> None:
     assert r["peaks"][key] == pytest.approx(sorted(gemms)[1])
     if r["dtype"] == "float32" and not (r["amx"] or r["avx512_bf16"]):
         assert r["peaks"]["gemm_tflops_bf16"] is None  # not measured in emulation (it took minutes)
+    assert r["device"] == "cpu" and r["device_name"] == r["cpu"]  # the machine is named (a GPU's name on CUDA)
     assert r["output_throughput"] == pytest.approx(3 * 4 / r["median_s"])
     assert r["roofline_fraction"] == pytest.approx(r["roofline_s"] / r["median_s"])
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    """``python -m tierserve`` (a checkout on PYTHONPATH, as scripts/device/bar5.sh runs it on a GPU machine)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tierserve", "bench", "throughput", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--device" in out.stdout and "--num-prompts" in out.stdout, out.stderr

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.reference import Generated, compare, exactness_prompts, hf_greedy, ours_generated
+from tests.reference import TEST_DEVICE, Generated, compare, exactness_prompts, hf_greedy, ours_generated
 from tierserve import LLM, SamplingParams
 
 NEW_TOKENS = 64
@@ -61,7 +61,7 @@ def test_chunked_prefill(llm_fp32: LLM, prompt_ids: list[list[int]], references:
 
 def test_preemption(prompt_ids: list[list[int]], references: list[Generated]) -> None:
     # 140 blocks x 16 tokens = 2240 tokens: the longest request (1480 + 64) fits alone, the batch (~3700) does not.
-    llm = LLM(dtype="float32", num_kv_blocks=140, max_num_batched_tokens=512)
+    llm = LLM(dtype="float32", num_kv_blocks=140, max_num_batched_tokens=512, device=TEST_DEVICE)
     outs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
     print(f"preemptions: {llm.engine.scheduler.num_preemptions}")
@@ -72,6 +72,6 @@ def test_preemption(prompt_ids: list[list[int]], references: list[Generated]) ->
 
 def test_torch_attention_backend(prompt_ids: list[list[int]], references: list[Generated]) -> None:
     """The plain-torch backend (the reference for the native kernels, and the one CUDA runs) is exact too."""
-    llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="torch")
+    llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="torch", device=TEST_DEVICE)
     assert llm.engine.runner.attention_backend == "torch"
     _check("torch attention backend", references, llm.generate(prompt_ids, GREEDY, use_tqdm=False))

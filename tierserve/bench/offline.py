@@ -20,6 +20,7 @@ from tierserve.bench.roofline import (
     MachinePeaks,
     ModelCost,
     decode_bandwidth_roofline_s,
+    device_name,
     measure_bandwidth,
     measure_gemm,
     measure_peaks,
@@ -46,9 +47,18 @@ def _header(llm: Any, peaks: MachinePeaks) -> dict[str, Any]:
     from tierserve.utils.cpu import cpu_info
 
     info = cpu_info()
+    device = llm.engine.device
     return {"cpu": info.model_name, "amx": info.has_amx, "avx512_bf16": info.has_avx512_bf16,
-            "threads": llm.engine.num_threads, "dtype": str(llm.engine.dtype).replace("torch.", ""),
+            "device": str(device), "device_name": device_name(device), "threads": llm.engine.num_threads,
+            "dtype": str(llm.engine.dtype).replace("torch.", ""),
             "model": llm.engine.model_config.name, "peaks": peaks.to_json()}
+
+
+def _machine_text(result: dict[str, Any]) -> str:
+    """The report's first words: the CPU and its threads, or the GPU (with the host CPU beside it)."""
+    if result["device"] == "cpu":
+        return f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']})"
+    return f"GPU: {result['device_name']} ({result['device']}, {result['dtype']}; host CPU {result['cpu']})"
 
 
 def _reads_text(reads: list[float], unit: str = "GB/s", digits: int = 1) -> str:
@@ -69,7 +79,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
     llm = _llm(args)
     eng = llm.engine
     dtype = eng.dtype
-    peaks = measure_peaks(dtype=dtype)
+    device = eng.device
+    peaks = measure_peaks(dtype=dtype, device=device)
     cost = ModelCost.of(eng.model_config, dtype)
     prompts = _prompts(args, args.num_prompts, args.input_len)
     from tierserve import SamplingParams
@@ -84,8 +95,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=not args.json)
         runs.append(time.perf_counter() - t)
-        bandwidths.append(measure_bandwidth(3))
-        gemms.append(measure_gemm(dtype, reps=3))
+        bandwidths.append(measure_bandwidth(3, device))
+        gemms.append(measure_gemm(dtype, reps=3, device=device))
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         if n_out != args.num_prompts * args.output_len:
             print(f"error: run {i} produced {n_out} tokens, expected {args.num_prompts * args.output_len}",
@@ -105,7 +116,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
               "roofline_output_throughput": n_out / roof, "roofline_fraction": roof / med,
               "mfu": useful_flops / med / (peaks.gemm_tflops(dtype) * 1e12)}
     _emit(args, result, [
-        f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); measured GEMM peak "
+        f"{_machine_text(result)}; measured GEMM peak "
         f"{_reads_text(gemms, 'TFLOP/s ' + result['dtype'], 3)}{_other_peak(peaks, dtype)}, read bandwidth "
         f"{_reads_text(bandwidths)}",
         f"{args.num_prompts} prompts x {args.input_len} tokens, {args.output_len} new: median {med:.2f} s over "
@@ -120,7 +131,7 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 def cmd_latency(args: argparse.Namespace) -> int:
     llm = _llm(args)
     eng = llm.engine
-    peaks = measure_peaks(dtype=eng.dtype)
+    peaks = measure_peaks(dtype=eng.dtype, device=eng.device)
     cost = ModelCost.of(eng.model_config, eng.dtype)
     prompt = _prompts(args, 1, args.input_len)[0]
     from tierserve import SamplingParams
@@ -143,7 +154,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         ttfts.append(first - t0)
         tpots.append((end - first) / (args.output_len - 1))
         e2es.append(end - t0)
-        bandwidths.append(measure_bandwidth(3))
+        bandwidths.append(measure_bandwidth(3, eng.device))
     tpot = statistics.median(tpots)
     peaks = with_bandwidth_of(peaks, bandwidths)
     roof = decode_bandwidth_roofline_s(cost, peaks)
@@ -153,7 +164,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
               "bandwidth_roofline_fraction": roof / tpot,
               "runs": {"ttft_s": ttfts, "tpot_s": tpots, "mem_read_gbps": bandwidths}}
     _emit(args, result, [
-        f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']}); read bandwidth "
+        f"{_machine_text(result)}; read bandwidth "
         f"{_reads_text(bandwidths)}",
         f"one stream, {args.input_len}-token prompt, {args.output_len} new, median of {args.runs}: "
         f"TTFT {result['ttft_s'] * 1e3:.1f} ms, TPOT {tpot * 1e3:.2f} ms ({1 / tpot:.1f} tok/s)",

@@ -37,41 +37,78 @@ class MachinePeaks:
         return asdict(self)
 
 
-def _median_time(fn: object, reps: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: object, reps: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls; on CUDA each call is timed to the end of its kernels."""
     times = []
     for _ in range(reps):
+        _sync(device)
         t = time.perf_counter()
         fn()  # type: ignore[operator]
+        _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def measure_gemm(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """TFLOP/s of an n³ GEMM in ``dtype``, median of ``reps`` after one warm-up."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+GPU_GEMM_N = 8192
+"""The GEMM size of the peak on a GPU: a 2048^3 product is over in microseconds there, far from the tensor cores'
+rate (an H200 ran 8192^3 bf16 at ~790 TFLOP/s)."""
+
+
+def measure_gemm(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: str | torch.device = "cpu") -> float:
+    """TFLOP/s of an n³ GEMM in ``dtype`` on ``device``, median of ``reps`` after one warm-up (on a GPU n is at least
+    ``GPU_GEMM_N``)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        n = max(n, GPU_GEMM_N)
+    a, b = torch.randn(n, n, device=dev).to(dtype), torch.randn(n, n, device=dev).to(dtype)
     a @ b
-    return 2 * n**3 / _median_time(lambda: a @ b, reps) / 1e12
+    return 2 * n**3 / _median_time(lambda: a @ b, reps, dev) / 1e12
 
 
-def measure_peaks(n: int = 2048, reps: int = 5, dtype: torch.dtype | None = None) -> MachinePeaks:
-    """GEMM n³ in bf16 and fp32 and a streaming read of 1 GiB, medians of ``reps`` (after one warm-up). The bf16 GEMM
-    only where the CPU has native bf16 or ``dtype`` (the engine's compute dtype) is bf16."""
+def measure_peaks(n: int = 2048, reps: int = 5, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> MachinePeaks:
+    """GEMM n³ in bf16 and fp32 and a streaming read of 1 GiB (4 GiB on a GPU), medians of ``reps`` (after one
+    warm-up), on ``device``. On a CPU the bf16 GEMM only where it has native bf16 or ``dtype`` (the engine's compute
+    dtype) is bf16."""
     from tierserve.utils.cpu import cpu_info
 
-    bf16 = measure_gemm(torch.bfloat16, n, reps) if cpu_info().native_bf16 or dtype == torch.bfloat16 else None
-    return MachinePeaks(bf16, measure_gemm(torch.float32, n, reps), measure_bandwidth(reps), torch.get_num_threads())
+    dev = torch.device(device)
+    native = dev.type != "cpu" or cpu_info().native_bf16
+    bf16 = measure_gemm(torch.bfloat16, n, reps, dev) if native or dtype == torch.bfloat16 else None
+    return MachinePeaks(bf16, measure_gemm(torch.float32, n, reps, dev), measure_bandwidth(reps, dev),
+                        torch.get_num_threads())
 
 
-def measure_bandwidth(reps: int = 5) -> float:
+def measure_bandwidth(reps: int = 5, device: str | torch.device = "cpu") -> float:
     """Streaming read of 1 GiB (far beyond the caches), GB/s, median of ``reps`` after one warm-up. On a shared
     machine the bandwidth left to this process moves with the neighbours' traffic (31-61 GB/s seen on one EPYC), so
     benchmarks measure it again around their timed runs. The buffer is on transparent huge pages where the OS offers
     them, like the engine's weights and KV cache (``tierserve.utils.hugepages``): the same memory conditions, and the
-    higher of the two (4 KiB pages read 5-25% slower on the EPYC), so the roofline is not flattered."""
-    x = host_buffer(2**30).view(torch.float32)
-    x.fill_(1.0)
+    higher of the two (4 KiB pages read 5-25% slower on the EPYC), so the roofline is not flattered. On a GPU: 4 GiB
+    of device memory (far beyond its L2), read by a sum."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        x = host_buffer(2**30).view(torch.float32)
+        x.fill_(1.0)
+    else:
+        x = torch.ones(2**30, dtype=torch.float32, device=dev)
     x.sum()
-    return x.numel() * 4 / _median_time(x.sum, reps) / 1e9
+    return x.numel() * 4 / _median_time(x.sum, reps, dev) / 1e9
+
+
+def device_name(device: str | torch.device) -> str:
+    """What the benchmark ran on, for its report: the GPU's name, or the CPU's model name."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    from tierserve.utils.cpu import cpu_info
+
+    return cpu_info().model_name
 
 
 def with_gemm_of(peaks: MachinePeaks, reads: list[float], dtype: torch.dtype = torch.bfloat16) -> MachinePeaks:

