@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "called per sequence as transformers does (bf16 tokens equal transformers-bf16's; slow, for "
                         "checking numerics), auto = cpu on a CPU where the kernels build, else torch "
                         "(default: %(default)s)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run every step eagerly instead of replaying decode steps as CUDA graphs "
+                        "(captured once per padded batch size and context width)")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                    help="order of admission and preemption (default: %(default)s)")
 
@@ -59,7 +62,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(model=args.model, dtype=args.dtype, device=args.device, threads=args.threads,
                 kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_model_len=args.max_model_len,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy)
+                attention_backend=args.attention_backend, scheduling_policy=args.scheduling_policy,
+                enforce_eager=args.enforce_eager)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,6 +79,9 @@ class EngineConfig:
     threads: int | None = None
     max_model_len: int | None = None
     attention_backend: str = "auto"
+    decode_graphs: str = "auto"
+    """Decode-only steps on padded static buffers, captured as CUDA graphs: auto = on CUDA; off = always eager
+    (``--enforce-eager``); padded = the padded buffers without graphs, on any device (tests, debugging)."""
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -23,8 +23,9 @@ def _check_number(name: str, value: object) -> float:
 class SamplingParams:
     """Sampling parameters for one request.
 
-    temperature 0 means greedy. ``top_k`` 0 or -1 disables top-k. ``seed`` makes the request's random choices
-    reproducible whatever else shares its batch. ``logprobs`` = N returns the sampled token's log-probability plus the
+    temperature 0 means greedy. ``top_k`` 0 or -1 disables top-k. ``seed`` makes the request's random draws
+    reproducible whatever else shares its batch (its own generator; the text also depends on the logits, whose last
+    bits can change if the request is preempted and recomputed or prefilled in other chunks). ``logprobs`` = N returns the sampled token's log-probability plus the
     N most likely alternatives at each step (computed from the raw model distribution, as vLLM does).
     ``max_tokens`` None means "up to the context length".
     """
@@ -97,6 +98,14 @@ class SamplingParams:
             )
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise InvalidSamplingParamsError(f"seed must be an integer, got {self.seed!r}", param="seed")
+        if self.seed is not None and not (-(2**63) <= self.seed and self.seed + self.n - 1 < 2**63):
+            # choice i of n draws with seed + i; torch's generators take 64-bit seeds
+            raise InvalidSamplingParamsError(
+                f"seed must be in [-2^63, 2^63 - n] (a signed 64-bit integer for each of the n choices), got "
+                f"{self.seed}", param="seed")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidSamplingParamsError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})", param="min_tokens")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool) or not 0 <= self.logprobs <= 20
         ):

@@ -49,7 +49,17 @@ class TokenizerWrapper:
         self._template: jinja2.Template | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone UTF-16 surrogate (JSON "\ud83d" alone) is not text
+                    raise InvalidRequestError(
+                        f"the text is not valid Unicode: {e.reason} at character {e.start} "
+                        f"({text[e.start:e.end]!a})", param="prompt") from None
+            raise
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

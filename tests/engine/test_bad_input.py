@@ -58,6 +58,10 @@ def test_out_of_vocab_token(llm_fp32: LLM) -> None:
         ({"logprobs": 50}, "logprobs"),
         ({"stop": [""]}, "stop"),
         ({"temperature": "hot"}, "temperature"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 2**63 - 2, "n": 3}, "seed"),  # choice i draws with seed + i: a 64-bit seed each
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ],
 )
 def test_invalid_sampling_params(kwargs: dict[str, object], field: str) -> None:
@@ -89,3 +93,35 @@ def test_corrupt_and_truncated_gguf(tmp_path: Path, gguf_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_checkpoint(str(empty_dir), torch.float32)
     shutil.rmtree(empty_dir)
+
+
+def test_failed_add_leaves_nothing_behind(llm_fp32: LLM) -> None:
+    """A request refused at add time (here: a stop token id beyond the vocabulary, which once crashed the sampler
+    under min_tokens) leaves no state: the next generate runs normally."""
+    vocab = llm_fp32.engine.model_config.vocab_size
+    with pytest.raises(InvalidRequestError, match="stop token id") as e:
+        llm_fp32.generate(["hi"], SamplingParams(max_tokens=3, min_tokens=2, stop_token_ids=[vocab]), use_tqdm=False)
+    assert e.value.param == "stop_token_ids"
+    assert not llm_fp32.engine.has_unfinished_requests()
+    out = llm_fp32.generate(["hi"], SamplingParams(max_tokens=3, n=2, seed=7), use_tqdm=False)
+    assert [len(c.token_ids) for c in out[0].outputs] == [3, 3]
+
+
+def test_lone_surrogate_is_invalid_text(llm_fp32: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="not valid Unicode") as e:
+        llm_fp32.generate(["a \ud83d b"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert e.value.param == "prompt"
+
+
+def test_stop_string_before_min_tokens_is_kept(llm_fp32: LLM) -> None:
+    """A stop string met before min_tokens is reached neither stops nor cuts the text (vLLM's rule): the output is
+    the unconstrained one, whole."""
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    base = llm_fp32.generate(["The capital of France is"], greedy, use_tqdm=False)[0].outputs[0]
+    stop = next(ch for ch in base.text.strip() if not ch.isspace())  # a character met in the first tokens
+    held = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, min_tokens=24, stop=[stop])
+    out = llm_fp32.generate(["The capital of France is"], held, use_tqdm=False)[0].outputs[0]
+    assert out.text == base.text and out.finish_reason == "length", (stop, base.text, out.text)
+    late = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    cut = llm_fp32.generate(["The capital of France is"], late, use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text  # without min_tokens it stops there

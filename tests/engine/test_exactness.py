@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from tests.reference import TEST_DEVICE, Generated, compare, exactness_prompts, hf_greedy, ours_generated
 from tierserve import LLM, SamplingParams
@@ -75,3 +76,40 @@ def test_torch_attention_backend(prompt_ids: list[list[int]], references: list[G
     llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="torch", device=TEST_DEVICE)
     assert llm.engine.runner.attention_backend == "torch"
     _check("torch attention backend", references, llm.generate(prompt_ids, GREEDY, use_tqdm=False))
+
+
+def _decode_graphs(mode: str, prompt_ids: list[list[int]], references: list[Generated]) -> None:
+    """Decode steps on the padded static buffers that CUDA graphs replay (``DecodeGraphs``): the 6 prompts under 500
+    tokens with 64, 56, ..., 24 new tokens, 5 running at most, so the steps have 5, 4, 3 (padded to 4: a padded row
+    writes only the scratch block), 2 and 1 rows; block tables padded to power-of-two widths."""
+    llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="torch", decode_graphs=mode,
+              max_num_seqs=5, device=TEST_DEVICE)
+    runner = llm.engine.runner
+    graphs = runner.decode_graphs
+    assert graphs is not None
+    assert runner.kv_caches[0].shape[2] == runner.num_blocks + 1  # the scratch block, beyond the manager's
+    before = runner.kv_caches[0][:, :, graphs.scratch_block].clone()
+    picked = [i for i, ids in enumerate(prompt_ids) if len(ids) < 500][:6]
+    assert len(picked) == 6, [len(ids) for ids in prompt_ids]
+    lengths = [NEW_TOKENS - 8 * j for j in range(len(picked))]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, logprobs=5) for m in lengths]
+    outs = llm.generate([prompt_ids[i] for i in picked], params, use_tqdm=False)
+    refs = [Generated(references[i].token_ids[:m], references[i].top5[:m]) for i, m in zip(picked, lengths)]
+    _check(f"decode graphs {mode}", refs, outs)
+    assert graphs.steps >= NEW_TOKENS // 2 and graphs.padded_rows > 0, (graphs.steps, graphs.padded_rows)
+    if mode == "auto":
+        assert len(graphs.graphs) >= 4, sorted(graphs.graphs)
+        print(f"CUDA graphs captured (rows, blocks): {sorted(graphs.graphs)}")
+    assert not torch.equal(runner.kv_caches[0][:, :, graphs.scratch_block], before), \
+        "padded rows were meant to write their K/V into the scratch block"
+    llm.engine.kv.pool.check_integrity()
+
+
+def test_padded_decode_buffers(prompt_ids: list[list[int]], references: list[Generated]) -> None:
+    _decode_graphs("padded", prompt_ids, references)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda" or not torch.cuda.is_available(),
+                    reason="CUDA graphs need a CUDA GPU (TIERSERVE_TEST_DEVICE=cuda there: scripts/device/bar5.sh)")
+def test_cuda_graphs(prompt_ids: list[list[int]], references: list[Generated]) -> None:
+    _decode_graphs("auto", prompt_ids, references)

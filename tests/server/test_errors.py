@@ -56,6 +56,12 @@ def test_malformed_json(server: ServerProcess, path: str) -> None:
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": [10**7]}, "prompt"),
     ({"prompt": "x", "n": 300}, "n"),  # more sequences than --max-waiting (256) could ever queue
+    # each of these once stopped the engine for good (every later request and /health: 503)
+    ({"prompt": "x", "seed": 2**64}, "seed"),
+    ({"prompt": "x", "seed": -(2**63) - 1}, "seed"),
+    ({"prompt": "x", "n": 2, "seed": 2**63 - 1}, "seed"),  # choice 1 would draw with seed + 1
+    ({"prompt": "x", "min_tokens": 2, "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"prompt": "x", "min_tokens": 10, "max_tokens": 2}, "min_tokens"),
 ])
 def test_completions_bad_values(server: ServerProcess, body: dict[str, Any], param: str) -> None:
     err = _error(httpx.post(f"{server.url}/v1/completions", json=body), 400)
@@ -134,3 +140,27 @@ def test_disconnect_aborts_and_frees_kv_blocks(server: ServerProcess, stream: bo
     m = server.metrics()
     assert m["tierserve:request_success_total{finished_reason=abort}"] == aborted_before + 1
     assert m["tierserve:num_requests_running{}"] == 0
+
+
+def test_null_means_default(server: ServerProcess) -> None:
+    """An explicit null is the field's default, as OpenAI and vLLM take it (SDKs that send every field do this)."""
+    nulls = {"n": None, "stream": None, "ignore_eos": None, "min_tokens": None, "temperature": None, "seed": None,
+             "stop": None, "skip_special_tokens": None, "include_stop_str_in_output": None}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": None, **nulls}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3, "echo": None,
+                                                           "logprobs": None, **nulls}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", b'{"prompt": "a \\ud83d b", "max_tokens": 2}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x \\ud83d"}], "max_tokens": 2}'),
+])
+def test_lone_surrogate_is_a_400(server: ServerProcess, path: str, body: bytes) -> None:
+    """Valid JSON, but a lone UTF-16 surrogate escape is not text: a 400 naming the prompt (it was a 500)."""
+    r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
+    assert _error(r, 400)["param"] == "prompt"

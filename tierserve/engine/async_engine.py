@@ -263,6 +263,10 @@ class AsyncEngine:
                 self.engine.add_request(op.request_id, op.prompt_token_ids, op.params, arrival_time=op.arrival_time)
             except TierserveError as e:
                 self._loop.call_soon_threadsafe(self._fail, op.request_id, e)
+            except Exception as e:  # a bug while adding one request fails that request, not the engine
+                logger.exception("adding request %s failed", op.request_id)
+                self.engine.abort(op.request_id)
+                self._loop.call_soon_threadsafe(self._fail, op.request_id, e)
             else:
                 self._live.add(op.request_id)
         return num_added

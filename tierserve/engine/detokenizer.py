@@ -26,8 +26,10 @@ class IncrementalDetokenizer:
         """Number of characters of ``text`` already handed out."""
         self.hold = max((len(s) for s in stop), default=1) - 1
 
-    def add(self, token_id: int) -> str | None:
-        """Append a token. Returns the stop string if one completed (text is then cut at it), else None."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append a token. Returns the stop string if one completed (text is then cut at it), else None. With
+        ``check_stop`` False (``min_tokens`` not reached yet) the new text is not searched: as in vLLM, a stop string
+        counts only once the minimum is met, and text before that stays whole."""
         self.tokens.append(token_id)
         prefix = self.tok.decode(self.tokens[self.prefix_offset:self.read_offset], self.skip_special)
         full = self.tok.decode(self.tokens[self.prefix_offset:], self.skip_special)
@@ -37,7 +39,7 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.tokens)
             start = max(0, len(self.text) - self.hold)
             self.text += new
-            for s in self.stop:
+            for s in self.stop if check_stop else ():
                 idx = self.text.find(s, start)
                 if idx != -1:
                     self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]

@@ -38,10 +38,15 @@ class LLM:
         device: str = "cpu",
         attention_backend: str = "auto",
         scheduling_policy: str = "fcfs",
+        enforce_eager: bool = False,
+        decode_graphs: str = "auto",
     ) -> None:
+        """``enforce_eager`` (vLLM's name): no CUDA graphs, every step eager (``decode_graphs="off"``);
+        ``decode_graphs``: auto (CUDA graphs for decode steps on a GPU), off, or padded (their padded static buffers
+        without graphs, on any device)."""
         config = EngineConfig(
             model=model, dtype=dtype, device=device, threads=threads, max_model_len=max_model_len,
-            attention_backend=attention_backend,
+            attention_backend=attention_backend, decode_graphs="off" if enforce_eager else decode_graphs,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
                               num_blocks=num_kv_blocks),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

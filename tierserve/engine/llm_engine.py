@@ -67,7 +67,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
                                  ckpt.config.max_position_embeddings)
         self.runner = ModelRunner(ckpt.config, config.cache, ckpt.tensors, self.dtype, self.device,
-                                  self.max_model_len, config.attention_backend)
+                                  self.max_model_len, config.attention_backend, config.decode_graphs,
+                                  config.scheduler.max_num_seqs)
         del ckpt
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
         capacity = self.kv.num_blocks * self.kv.block_size
@@ -105,6 +106,10 @@ class LLMEngine:
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"token id {bad} is out of range for vocabulary size {vocab}", param="prompt")
+        bad = next((t for t in params.stop_token_ids or [] if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"stop token id {bad} is out of range for vocabulary size {vocab}",
+                                      param="stop_token_ids")
         limit = self.max_model_len
         if n >= limit:
             raise PromptTooLongError(
@@ -139,7 +144,7 @@ class LLMEngine:
         max_tokens = self.validate_prompt(token_ids, params)
         now = arrival_time if arrival_time is not None else time.monotonic()
         parent = _Parent(request_id, text, token_ids, arrival_time=now)
-        for i in range(params.n):
+        for i in range(params.n):  # every child is built before any is queued: a failure leaves nothing behind
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = SamplingParams(**{**params.__dict__, "seed": params.seed + i, "n": 1})
@@ -151,7 +156,8 @@ class LLMEngine:
             parent.detoks.append(IncrementalDetokenizer(self.tokenizer, child_params.stop,
                                                         child_params.include_stop_str_in_output,
                                                         child_params.skip_special_tokens))
-            self._child_parent[cid] = request_id
+        for req in parent.children:
+            self._child_parent[req.request_id] = request_id
             self.scheduler.add(req)
         self._parents[request_id] = parent
 
@@ -228,8 +234,8 @@ class LLMEngine:
             return RequestStatus.FINISHED_STOPPED, None
         if min_ok and sp.stop_token_ids and token in sp.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token
-        hit = detok.add(token) if not (token in req.eos_token_ids and not sp.ignore_eos) else None
-        if hit is not None and min_ok:
+        hit = detok.add(token, check_stop=min_ok) if not (token in req.eos_token_ids and not sp.ignore_eos) else None
+        if hit is not None:
             return RequestStatus.FINISHED_STOPPED, hit
         if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None

@@ -17,6 +17,7 @@ from tierserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from tierserve.errors import OutOfKVCacheMemoryError
 from tierserve.model_executor.attention import AttentionMetadata, get_backend, resolve_backend_name
 from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend
+from tierserve.model_executor.decode_graphs import DecodeGraphs
 from tierserve.model_executor.models.llama import LlamaForCausalLM
 from tierserve.model_executor.sampler import SamplerOutput, plain_greedy, sample
 from tierserve.request import Request
@@ -59,6 +60,8 @@ class ModelRunner:
         device: torch.device,
         max_model_len: int,
         attention_backend: str = "auto",
+        decode_graphs: str = "auto",
+        max_num_seqs: int = 128,
     ) -> None:
         self.cfg = model_config
         self.device = device
@@ -83,7 +86,19 @@ class ModelRunner:
             )
         self.num_blocks = int(num_blocks)
         self.kv_bytes = self.num_blocks * per_block
-        self.kv_caches = self.attn.allocate_kv_cache(model_config.num_layers, self.num_blocks, dtype, device)
+        if decode_graphs not in ("auto", "off", "padded"):
+            raise ValueError(f"decode_graphs must be auto, off or padded, got {decode_graphs!r}")
+        graphs = decode_graphs == "padded" or (decode_graphs == "auto" and device.type == "cuda")
+        # with decode graphs, one block more than the KV manager's: the padded rows' scratch block
+        self.kv_caches = self.attn.allocate_kv_cache(model_config.num_layers, self.num_blocks + int(graphs), dtype,
+                                                     device)
+        self.decode_graphs: DecodeGraphs | None = None
+        if graphs:
+            self.decode_graphs = DecodeGraphs(self.model, self.attn, self.kv_caches, self.num_blocks, self.block_size,
+                                              max_num_seqs, -(-max_model_len // self.block_size), device,
+                                              capture=decode_graphs == "auto")
+            logger.info("decode steps on padded static buffers%s (batch buckets up to %d)",
+                        ", replayed as CUDA graphs" if decode_graphs == "auto" else "", max_num_seqs)
         if device.type == "cpu":
             arena = self.model.place_weights_in_arena()
             logger.info("weights: %.0f MiB in one arena (transparent huge pages: %s)", arena / 2**20, thp_mode())
@@ -200,6 +215,11 @@ class ModelRunner:
             self.model(input_ids, positions, self.kv_caches, self.attn, meta,
                        torch.empty(0, dtype=torch.long, device=self.device))
             return ModelRunnerOutput([], SamplerOutput([], None, []))
+        graphs = self.decode_graphs
+        n = len(input_ids)
+        if (graphs is not None and meta.num_decode_tokens == n and len(logits_idx) == n
+                and graphs.bucket(n, int(meta.decode_block_tables.shape[1])) is not None):
+            return ModelRunnerOutput(sampled, sample(graphs.run(input_ids, positions, meta), sampled))
         idx = torch.tensor(logits_idx, dtype=torch.long, device=self.device)
         # (size first: where the screen declines, sample() makes the only plain_greedy pass over the rows)
         if self.model.screens(len(sampled), len(input_ids)) and plain_greedy(sampled):

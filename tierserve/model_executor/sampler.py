@@ -64,6 +64,7 @@ def _mask_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
             banned = list(sp.stop_token_ids or [])
             if not sp.ignore_eos:
                 banned += list(r.eos_token_ids)
+            banned = [t for t in banned if 0 <= t < logits.shape[1]]  # (the engine rejects others at add)
             if banned:
                 logits[i, banned] = float("-inf")
 

@@ -11,7 +11,7 @@ import json
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tierserve.errors import InvalidRequestError
 from tierserve.sampling_params import SamplingParams
@@ -22,6 +22,17 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit JSON null means the field's default, as OpenAI and vLLM take it (SDKs that send every field
+        send ``"n": null``, ``"stream": null``, ...)."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in fields and fields[k].default is not None)}
+        return data
 
 
 class StreamOptions(_Body):
