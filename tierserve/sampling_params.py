@@ -25,7 +25,8 @@ class SamplingParams:
 
     temperature 0 means greedy. ``top_k`` 0 or -1 disables top-k. ``seed`` makes the request's random draws
     reproducible whatever else shares its batch (its own generator; the text also depends on the logits, whose last
-    bits can change if the request is preempted and recomputed or prefilled in other chunks). ``logprobs`` = N returns the sampled token's log-probability plus the
+    bits can change if the request is preempted and recomputed or prefilled in other chunks).
+    ``logprobs`` = N returns the sampled token's log-probability plus the
     N most likely alternatives at each step (computed from the raw model distribution, as vLLM does).
     ``max_tokens`` None means "up to the context length".
     """

@@ -75,6 +75,8 @@ def test_completions_bad_values(server: ServerProcess, body: dict[str, Any], par
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -5}, "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, "functions"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
 ])
 def test_chat_bad_values(server: ServerProcess, body: dict[str, Any], param: str) -> None:
     assert _error(httpx.post(f"{server.url}/v1/chat/completions", json=body), 400)["param"] == param

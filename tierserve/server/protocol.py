@@ -144,12 +144,21 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         self._check_common()
         if self.tools:
             raise InvalidRequestError("tools (function calling) are not supported by this server", param="tools")
+        for name in ("functions", "function_call"):  # the legacy form of the same
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} (function calling) is not supported by this server", param=name)
+        if self.tool_choice not in (None, "none", "auto"):  # "auto" with no tools means plain text, as OpenAI does
+            raise InvalidRequestError("tool_choice needs tools (function calling), which this server does not support",
+                                      param="tool_choice")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise InvalidRequestError("only response_format type 'text' is supported by this server",
                                       param="response_format")
