@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device call 2 of 2 (carry .device/p2; call 1, scripts/device/stage.sh, must have run just before on the same warm
 # machine): issue 6's bar 5 - the offline throughput benchmark on the GPU, with its roofline fraction and the GPU
-# named - plus one stream's latency, a GPU-sized batch, and the float32 exactness tests against transformers on the
-# same GPU. Everything it prints is also in $OUT (bar5.log, *.json, exactness.log), which the tool brings back.
+# named - with the float32 exactness tests against transformers on the same GPU (CUDA graphs on), the benchmark again
+# with every step eager (what the graphs win), one stream's latency and a GPU-sized batch. Everything it prints is
+# also in $OUT (bar5.log, *.json, exactness.log), which the tool brings back.
 #
 #   DEVICE=cuda (default)  the torch device;  BAR5_QUICK=1  small workloads (a dry run of this script on a CPU:
 #   DEVICE=cpu BAR5_QUICK=1 OUT=/tmp/bar5 bash scripts/device/bar5.sh, after scripts/device/prep.sh and stage.sh)
@@ -43,11 +44,13 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 
 if [ -n "${BAR5_QUICK:-}" ]; then
   SMALL=(--num-prompts 4 --input-len 32 --output-len 8 --runs 1)
+  EAGER=("${SMALL[@]}")
   BIG=(--num-prompts 8 --input-len 32 --output-len 8 --runs 1)
   LAT=(--output-len 16 --runs 1)
 else
   SMALL=(--runs 3)                                                    # the issue's workload: 64 x 256 -> 128
-  BIG=(--num-prompts 1024 --input-len 256 --output-len 128 --runs 3 --max-num-seqs 256 --max-num-batched-tokens 8192)
+  EAGER=(--runs 1)
+  BIG=(--num-prompts 1024 --input-len 256 --output-len 128 --runs 1 --max-num-seqs 256 --max-num-batched-tokens 8192)
   LAT=(--runs 5)
 fi
 rc=0
@@ -60,10 +63,12 @@ step() {  # step NAME TIMEOUT_S COMMAND... (its output also in $STEP_LOG when th
 }
 step "bar 5: offline throughput" 150 "$PY" -m tierserve bench throughput --device "$DEVICE" --kv-cache-memory 4GiB \
   "${SMALL[@]}" --json "$OUT/throughput.json"
-step "one stream" 90 "$PY" -m tierserve bench latency --device "$DEVICE" --kv-cache-memory 1GiB "${LAT[@]}" \
+STEP_LOG="$OUT/exactness.log" step "float32 exactness on $DEVICE (CUDA graphs included)" 200 \
+  env TIERSERVE_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -s tests/engine/test_exactness.py
+step "the same, every step eager (no CUDA graphs)" 100 "$PY" -m tierserve bench throughput --device "$DEVICE" \
+  --kv-cache-memory 4GiB --enforce-eager "${EAGER[@]}" --json "$OUT/throughput-eager.json"
+step "one stream" 60 "$PY" -m tierserve bench latency --device "$DEVICE" --kv-cache-memory 1GiB "${LAT[@]}" \
   --json "$OUT/latency.json"
-STEP_LOG="$OUT/exactness.log" step "float32 exactness on $DEVICE" 200 env TIERSERVE_TEST_DEVICE="$DEVICE" "$PY" -m pytest \
-  -q -p no:cacheprovider -s tests/engine/test_exactness.py
 step "a GPU-sized batch" 120 "$PY" -m tierserve bench throughput --device "$DEVICE" --kv-cache-memory 16GiB \
   "${BIG[@]}" --json "$OUT/throughput-big.json"
 say "done (exit $rc); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -48,9 +48,11 @@ def _header(llm: Any, peaks: MachinePeaks) -> dict[str, Any]:
 
     info = cpu_info()
     device = llm.engine.device
+    graphs = llm.engine.runner.decode_graphs
     return {"cpu": info.model_name, "amx": info.has_amx, "avx512_bf16": info.has_avx512_bf16,
             "device": str(device), "device_name": device_name(device), "threads": llm.engine.num_threads,
             "dtype": str(llm.engine.dtype).replace("torch.", ""),
+            "cuda_graphs": bool(graphs is not None and graphs.capture),
             "model": llm.engine.model_config.name, "peaks": peaks.to_json()}
 
 
@@ -58,7 +60,8 @@ def _machine_text(result: dict[str, Any]) -> str:
     """The report's first words: the CPU and its threads, or the GPU (with the host CPU beside it)."""
     if result["device"] == "cpu":
         return f"CPU: {result['cpu']} ({result['threads']} threads, {result['dtype']})"
-    return f"GPU: {result['device_name']} ({result['device']}, {result['dtype']}; host CPU {result['cpu']})"
+    graphs = "decode steps as CUDA graphs" if result["cuda_graphs"] else "every step eager"
+    return f"GPU: {result['device_name']} ({result['device']}, {result['dtype']}, {graphs}; host CPU {result['cpu']})"
 
 
 def _reads_text(reads: list[float], unit: str = "GB/s", digits: int = 1) -> str:
