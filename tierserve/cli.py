@@ -33,11 +33,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--max-num-seqs", type=int, default=128,
                    help="most requests running at once (default: %(default)s)")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "reference"],
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "reference", "triton"],
                    help="attention kernels: cpu = native paged kernels built on first use (K/V read in place), "
                         "torch = plain torch ops (any device), reference = the native model path with torch's SDPA "
                         "called per sequence as transformers does (bf16 tokens equal transformers-bf16's; slow, for "
-                        "checking numerics), auto = cpu on a CPU where the kernels build, else torch "
+                        "checking numerics), triton = torch's prefill with a Triton paged decode kernel (CUDA; "
+                        "K/V read in place), auto = cpu on a CPU where the kernels build, else torch "
                         "(default: %(default)s)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run every step eagerly instead of replaying decode steps as CUDA graphs "

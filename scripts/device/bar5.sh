@@ -2,8 +2,8 @@
 # Device call 2 of 2 (carry .device/p2; call 1, scripts/device/stage.sh, must have run just before on the same warm
 # machine): issue 6's bar 5 - the offline throughput benchmark on the GPU, with its roofline fraction and the GPU
 # named - with the float32 exactness tests against transformers on the same GPU (CUDA graphs on), the benchmark again
-# with every step eager (what the graphs win), one stream's latency and a GPU-sized batch. Everything it prints is
-# also in $OUT (bar5.log, *.json, exactness.log), which the tool brings back.
+# with every step eager (what the graphs win) and with the Triton paged decode kernel, one stream's latency and a
+# GPU-sized batch. Everything it prints is also in $OUT (bar5.log, *.json, exactness.log), which the tool brings back.
 #
 #   DEVICE=cuda (default)  the torch device;  BAR5_QUICK=1  small workloads (a dry run of this script on a CPU:
 #   DEVICE=cpu BAR5_QUICK=1 OUT=/tmp/bar5 bash scripts/device/bar5.sh, after scripts/device/prep.sh and stage.sh)
@@ -64,9 +64,13 @@ step() {  # step NAME TIMEOUT_S COMMAND... (its output also in $STEP_LOG when th
 step "bar 5: offline throughput" 150 "$PY" -m tierserve bench throughput --device "$DEVICE" --kv-cache-memory 4GiB \
   "${SMALL[@]}" --json "$OUT/throughput.json"
 STEP_LOG="$OUT/exactness.log" step "float32 exactness on $DEVICE (CUDA graphs included)" 200 \
-  env TIERSERVE_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -s tests/engine/test_exactness.py
+  env TIERSERVE_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider -s tests/engine/test_exactness.py \
+  tests/kernels/test_triton_attention.py
 step "the same, every step eager (no CUDA graphs)" 100 "$PY" -m tierserve bench throughput --device "$DEVICE" \
   --kv-cache-memory 4GiB --enforce-eager "${EAGER[@]}" --json "$OUT/throughput-eager.json"
+[ "$DEVICE" = cpu ] || step "the same, decode through the Triton paged kernel" 100 "$PY" -m tierserve bench \
+  throughput --device "$DEVICE" --kv-cache-memory 4GiB --attention-backend triton "${EAGER[@]}" \
+  --json "$OUT/throughput-triton.json"
 step "one stream" 60 "$PY" -m tierserve bench latency --device "$DEVICE" --kv-cache-memory 1GiB "${LAT[@]}" \
   --json "$OUT/latency.json"
 step "a GPU-sized batch" 120 "$PY" -m tierserve bench throughput --device "$DEVICE" --kv-cache-memory 16GiB \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pytest
@@ -113,3 +114,12 @@ def test_padded_decode_buffers(prompt_ids: list[list[int]], references: list[Gen
                     reason="CUDA graphs need a CUDA GPU (TIERSERVE_TEST_DEVICE=cuda there: scripts/device/bar5.sh)")
 def test_cuda_graphs(prompt_ids: list[list[int]], references: list[Generated]) -> None:
     _decode_graphs("auto", prompt_ids, references)
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cuda" or not torch.cuda.is_available()
+                    or importlib.util.find_spec("triton") is None,
+                    reason="the triton attention backend runs on a CUDA GPU with triton installed (its kernel alone is "
+                           "checked on a CPU under Triton's interpreter: tests/kernels/test_triton_attention.py)")
+def test_triton_attention_backend(prompt_ids: list[list[int]], references: list[Generated]) -> None:
+    llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="triton", device=TEST_DEVICE)
+    _check("triton attention backend", references, llm.generate(prompt_ids, GREEDY, use_tqdm=False))

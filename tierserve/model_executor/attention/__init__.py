@@ -6,13 +6,16 @@ from tierserve.model_executor.attention.base import AttentionBackend, AttentionM
 from tierserve.model_executor.attention.cpu_backend import CpuAttentionBackend, ReferenceAttentionBackend
 from tierserve.model_executor.attention.cpu_backend import available as cpu_kernels_available
 from tierserve.model_executor.attention.torch_backend import TorchAttentionBackend
+from tierserve.model_executor.attention.triton_backend import TritonAttentionBackend
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend, "cpu": CpuAttentionBackend,
-                                                "reference": ReferenceAttentionBackend}
+                                                "reference": ReferenceAttentionBackend,
+                                                "triton": TritonAttentionBackend}
 
 
 def resolve_backend_name(name: str, device: str) -> str:
-    """``auto``: the native CPU kernels on a CPU where they build, else plain torch ops."""
+    """``auto``: the native CPU kernels on a CPU where they build, else plain torch ops (``triton``, CUDA's paged
+    decode kernel, only when asked for: it has not yet run on a GPU of this project)."""
     if name != "auto":
         return name
     if str(device).startswith("cpu") and cpu_kernels_available():
