@@ -35,9 +35,9 @@ fi
 if ! echo "$(cat .device/p2/model.sha256)  $MODEL" | sha256sum -c --quiet; then
   say "error: the reassembled model's sha256 differs from .device/p2/model.sha256"; rm -f "$MODEL"; exit 2
 fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" -c "import gguf" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" \
   .device/p2/whl/*.whl || { say "error: could not install the carried wheels"; exit 2; }
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 "$PY" -c "import torch, tierserve; print('torch', torch.__version__, '| tierserve', tierserve.__version__, '| device',
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
