@@ -82,6 +82,8 @@ class EngineRequest:
     params: SamplingParams
     arrival_time: float
     """``time.monotonic()`` when the HTTP request arrived (the clock of the engine's RequestMetrics)."""
+    priority: int = 0
+    """Lower is served first under the priority scheduling policy."""
 
 
 @dataclass
@@ -260,7 +262,8 @@ class AsyncEngine:
                 continue
             num_added += op.params.n
             try:
-                self.engine.add_request(op.request_id, op.prompt_token_ids, op.params, arrival_time=op.arrival_time)
+                self.engine.add_request(op.request_id, op.prompt_token_ids, op.params, priority=op.priority,
+                                        arrival_time=op.arrival_time)
             except TierserveError as e:
                 self._loop.call_soon_threadsafe(self._fail, op.request_id, e)
             except Exception as e:  # a bug while adding one request fails that request, not the engine

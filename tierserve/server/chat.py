@@ -56,7 +56,8 @@ async def create_chat_completion(request: Request) -> Response:
     state: ServerState = request.app.state.server
     state.check_model(body.model)
     params = body.to_sampling_params()
-    gen = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [render_prompt(state, body)], params, arrival)
+    gen = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [render_prompt(state, body)], params, arrival,
+                     body.priority)
     num_top = body.top_logprobs or 0
     head = {"id": gen.request_id, "created": int(time.time()), "model": state.model_name}
 

@@ -73,7 +73,7 @@ async def create_completion(request: Request) -> Response:
     state.check_model(body.model)
     params = body.to_sampling_params()
     prompts = [state.llm.tokenize_prompt(p) for p in body.prompts()]
-    gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", [ids for _, ids in prompts], params, arrival)
+    gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", [ids for _, ids in prompts], params, arrival, body.priority)
     prefixes = [text if text is not None else state.llm.tokenizer.decode(ids) for text, ids in prompts]
     choices = [_Choice(prefixes[k // params.n] if body.echo else "",
                        _LogprobsBuilder() if params.logprobs is not None else None) for k in range(gen.num_choices)]

@@ -58,7 +58,7 @@ class Usage:
 
 class Generation:
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 arrival_time: float) -> None:
+                 arrival_time: float, priority: int = 0) -> None:
         """Validate every prompt, then submit them all (or raise: InvalidRequestError, QueueFullError, ...)."""
         for token_ids in prompts:
             state.llm.validate_prompt(token_ids, params)
@@ -72,7 +72,7 @@ class Generation:
         self._first_token_time: float | None = None
         self._closed = False
         self._stream: RequestStream = state.engine.submit([
-            EngineRequest(rid, prompts[i], params, arrival_time) for rid, i in self._prompt_index.items()])
+            EngineRequest(rid, prompts[i], params, arrival_time, priority) for rid, i in self._prompt_index.items()])
 
     @property
     def num_choices(self) -> int:

@@ -8,6 +8,7 @@ supported (``suffix``, ``logit_bias``, ``tools``, ...) are rejected with a 400 n
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
@@ -18,6 +19,11 @@ from tierserve.sampling_params import SamplingParams
 from tierserve.server.errors import APIError, validation_error
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+def _allows_none(annotation: Any) -> bool:
+    """Whether a field's type takes None itself (``max_tokens: int | None``, where null means "no limit")."""
+    return annotation is Any or annotation is None or type(None) in typing.get_args(annotation)
 
 
 class _Body(BaseModel):
@@ -31,7 +37,7 @@ class _Body(BaseModel):
         if isinstance(data, dict):
             fields = cls.model_fields
             return {k: v for k, v in data.items()
-                    if not (v is None and k in fields and fields[k].default is not None)}
+                    if not (v is None and k in fields and not _allows_none(fields[k].annotation))}
         return data
 
 
@@ -62,6 +68,8 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+    priority: int = 0
+    """vLLM's field: lower is served first under ``--scheduling-policy priority`` (ignored under fcfs)."""
 
     def _check_common(self) -> None:
         if self.logit_bias:
