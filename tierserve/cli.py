@@ -12,6 +12,17 @@ from tierserve import __version__
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a zero step budget or block size cannot work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model."""
     g = p.add_argument_group("model and engine")
@@ -21,17 +32,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto = bfloat16 on CUDA or a CPU with AMX/AVX-512-BF16, else float32")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: the cores this process may run on)")
     g.add_argument("--kv-cache-memory", default="1GiB",
                    help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default: %(default)s)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=None,
+    g.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: %(default)s)")
+    g.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context length limit (default: the model's own)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="token budget of one engine step; longer prompts are prefilled in chunks "
                         "(default: %(default)s)")
-    g.add_argument("--max-num-seqs", type=int, default=128,
+    g.add_argument("--max-num-seqs", type=positive_int, default=128,
                    help="most requests running at once (default: %(default)s)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "reference", "triton"],
                    help="attention kernels: cpu = native paged kernels built on first use (K/V read in place), "
@@ -74,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Run `tierserve <command> --help` for a command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"tierserve {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR (default: %(default)s)")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="DEBUG, INFO, WARNING, ERROR (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
 
     from tierserve.engine.cli import register_chat, register_generate

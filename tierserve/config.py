@@ -85,3 +85,13 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self) -> None:
+        """ValueError naming the setting for sizes that cannot work (a zero step budget scheduled nothing, ever: the
+        engine spun without end; a zero block size divided by zero)."""
+        for name, value in (("max_num_seqs", self.scheduler.max_num_seqs),
+                            ("max_num_batched_tokens", self.scheduler.max_num_batched_tokens),
+                            ("block_size", self.cache.block_size), ("max_model_len", self.max_model_len),
+                            ("threads", self.threads), ("num_kv_blocks", self.cache.num_blocks)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -125,3 +125,25 @@ def test_stop_string_before_min_tokens_is_kept(llm_fp32: LLM) -> None:
     late = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
     cut = llm_fp32.generate(["The capital of France is"], late, use_tqdm=False)[0].outputs[0]
     assert cut.finish_reason == "stop" and stop not in cut.text  # without min_tokens it stops there
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"max_num_seqs": 0}, "max_num_seqs"),  # nothing could ever be scheduled: the engine spun without end
+    ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+    ({"block_size": 0}, "block_size"),  # was a ZeroDivisionError
+    ({"max_model_len": -5}, "max_model_len"),
+    ({"threads": 0}, "threads"),
+])
+def test_engine_sizes_must_be_positive(kwargs: dict[str, int], name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        LLM(dtype="float32", **kwargs)  # type: ignore[arg-type]
+
+
+def test_cli_sizes_must_be_positive() -> None:
+    import subprocess
+    import sys
+
+    for args in (["--max-num-batched-tokens", "0"], ["--block-size", "-3"], ["--max-model-len", "x"]):
+        r = subprocess.run([sys.executable, "-m", "tierserve", "generate", "hi", *args], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and args[0] in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -53,6 +53,7 @@ class _Parent:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        config.validate()
         self.config = config
         self.num_threads = set_threads(config.threads) if config.device == "cpu" else torch.get_num_threads()
         self.dtype = resolve_dtype(config.dtype, config.device)
