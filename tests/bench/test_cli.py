@@ -74,6 +74,18 @@ def test_concurrency_sweep(server: FakeServer, tmp_path: Path) -> None:
     assert "| conc1 | inf | 1 |" in md and "| conc2 | inf | 2 |" in md
 
 
+def test_no_server_is_a_failed_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every request failing (nothing listens at the URL) still writes the results, but exits 1 (it exited 0, so
+    scripts and CI could not tell)."""
+    from tests.server.server_process import free_port
+
+    rc = main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", "--num-requests", "2",
+               "--input-len", "8", "--output-len", "2", "--num-warmups", "0", "--output-dir", str(tmp_path),
+               "--disable-tqdm", "--no-plots"])
+    assert rc == 1 and "every request failed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "result.json").read_text())["summary"]["completed"] == 0
+
+
 def test_malformed_trace_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "trace.jsonl"
     bad.write_text('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [0]}\nnot json\n')

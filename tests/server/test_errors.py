@@ -165,4 +165,13 @@ def test_null_means_default(server: ServerProcess) -> None:
 def test_lone_surrogate_is_a_400(server: ServerProcess, path: str, body: bytes) -> None:
     """Valid JSON, but a lone UTF-16 surrogate escape is not text: a 400 naming the prompt (it was a 500)."""
     r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
-    assert _error(r, 400)["param"] == "prompt"
+    assert _error(r, 400)["param"] == ("messages" if "chat" in path else "prompt")
+
+
+def test_tokenize_empty_messages_is_a_400_and_the_connection_lives(server: ServerProcess) -> None:
+    """/tokenize built its chat body without the 400 mapping (a 500); and any 500 used to close the client's
+    keep-alive connection, so its next request failed with a reset."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        assert _error(client.post("/tokenize", json={"messages": []}), 400)["param"] == "messages"
+        r = client.post("/tokenize", json={"prompt": "hi"})
+        assert r.status_code == 200 and r.json()["count"] >= 1

@@ -195,4 +195,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     print(markdown(results))
     print(f"results written to {out_dir}/", file=sys.stderr)
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    dead = [r for r in results if r["summary"]["completed"] == 0 and r["summary"]["failed"] > 0]
+    if dead:  # a script or CI must see that the server was never reached (vLLM's bench stops with an error too)
+        print(f"error: every request failed in {len(dead)} of {len(results)} runs (is the server up at "
+              f"{configs[0].base_url}?)", file=sys.stderr)
+        return 1
+    return 0

@@ -12,12 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tierserve.errors import InvalidRequestError
 from tierserve.server.chat import create_chat_completion, render_prompt
 from tierserve.server.completions import create_completion
-from tierserve.server.errors import APIError, install_handlers, log_rejection
+from tierserve.server.errors import APIError, install_handlers, log_rejection, validation_error
 from tierserve.server.generation import ServerState
 from tierserve.server.metrics import CONTENT_TYPE
 from tierserve.server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
@@ -91,7 +92,10 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
         if body.messages is not None:
-            chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
+            try:
+                chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
+            except ValidationError as e:  # (e.g. an empty list: the same 400 as /v1/chat/completions gives)
+                raise validation_error(e) from None
             tokens = render_prompt(state, chat)
         else:
             assert body.prompt is not None

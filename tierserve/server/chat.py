@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from tierserve.errors import InvalidRequestError
 from tierserve.outputs import Logprob, PositionLogprobs
 from tierserve.server.generation import Generation, ServerState
 from tierserve.server.protocol import ChatCompletionRequest, parse_body
@@ -47,7 +48,10 @@ class _Choice:
 
 def render_prompt(state: ServerState, body: ChatCompletionRequest) -> list[int]:
     text = state.llm.tokenizer.apply_chat_template(body.template_messages(), body.add_generation_prompt)
-    return state.llm.tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return state.llm.tokenizer.encode(text, add_special_tokens=False)
+    except InvalidRequestError as e:  # (invalid text in a message: the offset is into the templated prompt)
+        raise InvalidRequestError(f"a message: {e} (in the prompt the chat template made)", param="messages") from None
 
 
 async def create_chat_completion(request: Request) -> Response:

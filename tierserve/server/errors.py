@@ -7,7 +7,7 @@ Every failure the server reports goes through ``APIError``; ``install_handlers``
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,3 +101,35 @@ def install_handlers(app: FastAPI, on_error: Callable[[int], None]) -> None:
     app.add_exception_handler(QueueFullError, on_api_error)
     app.add_exception_handler(EngineDeadError, on_api_error)
     app.add_exception_handler(Exception, on_api_error)
+    app.add_middleware(InternalErrorMiddleware, handler=on_api_error)
+
+
+class InternalErrorMiddleware:
+    """Answers an unexpected exception (a bug) with the OpenAI-shaped 500 itself. Starlette's outermost handler sends
+    the same 500 but then re-raises, and the server closes the client's keep-alive connection: the client's next
+    request on it failed with a reset. A plain ASGI middleware, so streaming and disconnects pass through; once a
+    response has started (a stream), the exception goes on up as before."""
+
+    def __init__(self, app: Any, handler: Callable[[Request, Exception], Awaitable[JSONResponse]]) -> None:
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            response = await self.handler(Request(scope, receive), exc)
+            await response(scope, receive, send)
