@@ -42,3 +42,14 @@ def test_bad_model_is_a_clear_error() -> None:
     out = subprocess.run([*CMD, "generate", "hi", "--model", "/no/such/model.gguf"], capture_output=True,
                          text=True, timeout=120, env=ENV)
     assert out.returncode == 2 and "neither a known name" in out.stderr
+
+
+def test_chat_history_outgrowing_the_context_points_to_reset() -> None:
+    """With a 96-token context the third long turn cannot fit: the error says /reset, which then lets chat go on."""
+    turn = "Tell me, in plenty of words, everything about the city of Paris.\n"
+    out = subprocess.run([*CMD, "chat", "--temperature", "0", "--max-tokens", "8", "--max-model-len", "96",
+                          "--kv-cache-memory", "64MiB", "--dtype", "float32"],
+                         input=turn * 4 + "/reset\n" + turn + "/exit\n", capture_output=True, text=True,
+                         timeout=300, env=ENV)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "/reset clears the history" in out.stderr, out.stderr[-2000:]

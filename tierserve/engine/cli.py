@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from tierserve.errors import TierserveError
+from tierserve.errors import PromptTooLongError, TierserveError
 from tierserve.sampling_params import SamplingParams
 
 
@@ -77,11 +77,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages), add_special_tokens=False)
         try:
+            prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages), add_special_tokens=False)
             reply = _stream(engine, f"chat-{turn}", prompt, _params(args))
         except TierserveError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
+            hint = (" - the conversation no longer fits the context: /reset clears the history"
+                    if isinstance(e, PromptTooLongError) and len(messages) > 1 else "")
+            print(f"\nerror: {e}{hint}", file=sys.stderr)
             messages.pop()
             continue
         print()
