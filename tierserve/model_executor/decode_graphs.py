@@ -68,10 +68,7 @@ class DecodeGraphs:
         if rows < 1 or rows > self.buckets[-1] or width > self.max_blocks:
             return None
         b = next(x for x in self.buckets if x >= rows)
-        w = 1
-        while w < width:
-            w *= 2
-        return b, min(w, self.max_blocks)
+        return b, min(1 << max(width - 1, 0).bit_length(), self.max_blocks)  # the next power of two
 
     def _table(self, b: int, w: int) -> torch.Tensor:
         return self.tables[: b * w].view(b, w)
@@ -101,13 +98,12 @@ class DecodeGraphs:
                     len(self.graphs) + 1)
         return graph, out
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """A decode-only step (``meta`` as the runner built it, all rows decoding, every row sampled) -> logits
-        [rows, vocab]. The caller checked ``bucket`` first."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            shape: tuple[int, int]) -> torch.Tensor:
+        """A decode-only step (``meta`` as the runner built it, all rows decoding, every row sampled) at ``shape``,
+        the step's ``bucket`` -> logits [rows, vocab]."""
         n = int(input_ids.shape[0])
         width = int(meta.decode_block_tables.shape[1])
-        shape = self.bucket(n, width)
-        assert shape is not None, "decode step larger than the graph buffers"
         b, w = shape
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)

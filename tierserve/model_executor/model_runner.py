@@ -217,9 +217,10 @@ class ModelRunner:
             return ModelRunnerOutput([], SamplerOutput([], None, []))
         graphs = self.decode_graphs
         n = len(input_ids)
-        if (graphs is not None and meta.num_decode_tokens == n and len(logits_idx) == n
-                and graphs.bucket(n, int(meta.decode_block_tables.shape[1])) is not None):
-            return ModelRunnerOutput(sampled, sample(graphs.run(input_ids, positions, meta), sampled))
+        shape = (graphs.bucket(n, int(meta.decode_block_tables.shape[1]))
+                 if graphs is not None and meta.num_decode_tokens == n and len(logits_idx) == n else None)
+        if graphs is not None and shape is not None:
+            return ModelRunnerOutput(sampled, sample(graphs.run(input_ids, positions, meta, shape), sampled))
         idx = torch.tensor(logits_idx, dtype=torch.long, device=self.device)
         # (size first: where the screen declines, sample() makes the only plain_greedy pass over the rows)
         if self.model.screens(len(sampled), len(input_ids)) and plain_greedy(sampled):

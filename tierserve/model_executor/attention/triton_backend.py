@@ -83,9 +83,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
     if b == 0:
         return out
-    gp = 1
-    while gp < group:
-        gp *= 2
+    gp = 1 << (group - 1).bit_length()  # the group padded to a power of two (tl.arange's sizes)
     _paged_decode_kernel()[(b, hkv)](
         q, k_cache, v_cache, tables, seq_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), tables.stride(0), out.stride(0),
