@@ -25,6 +25,22 @@ _QWEN2_PAT = (
 _PRE_PATTERNS = {"llama-bpe": _LLAMA3_PAT, "llama3": _LLAMA3_PAT, "qwen2": _QWEN2_PAT, "smaug-bpe": _LLAMA3_PAT}
 _DIGIT_SPLIT = {"smollm", "starcoder", "refact"}
 
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins for the 256 byte values (GPT-2's scheme): printable Latin-1 bytes stand
+    for themselves, the others take the code points from 256 up, in byte order. -> character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_OF = _byte_level_alphabet()
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
 
@@ -47,6 +63,9 @@ class TokenizerWrapper:
         self.eos_token_ids = eos_token_ids
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._template: jinja2.Template | None = None
+        self._bytes: dict[int, bytes] = {}
+        self._added = {i for i in tokenizer.get_added_tokens_decoder()}
+        self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
@@ -67,28 +86,78 @@ class TokenizerWrapper:
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of text one token stands for. A token may hold part of a UTF-8 character (an emoji is often
+        three tokens), where ``decode([token_id])`` can only show U+FFFD: OpenAI's logprob ``bytes`` are these."""
+        found = self._bytes.get(token_id)
+        if found is None:
+            found = self._bytes[token_id] = self._token_bytes(token_id)
+        return found
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id not in self._added:
+            if self._byte_level and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        """Render ``messages`` ([{"role", "content"}]) with the model's jinja2 chat template."""
+        """Render ``messages`` ([{"role", "content"}]) with the model's jinja2 chat template.
+
+        ``continue_final_message``: leave the last message open - the text ends with its content, without the
+        end-of-turn the template puts after it - so that generation continues it (a prefilled start of an answer;
+        Hugging Face's and vLLM's option of that name). It excludes ``add_generation_prompt``. ``template_kwargs``:
+        extra template variables (vLLM's ``chat_template_kwargs``)."""
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; send a plain prompt instead", param="messages")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise InvalidRequestError(f"messages[{i}] must be an object with a 'role'", param="messages")
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequestError("continue_final_message and add_generation_prompt cannot both be true (set "
+                                      "add_generation_prompt to false)", param="continue_final_message")
+        kwargs = dict(template_kwargs or {})
+        reserved = {"messages", "add_generation_prompt", "bos_token", "eos_token"} & kwargs.keys()
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {sorted(reserved)}",
+                                      param="chat_template_kwargs")
         if self._template is None:
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_error
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
             self._template = env.from_string(self.chat_template)
-        return self._template.render(
+        text = self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
             **kwargs,
         )
+        return _open_final_message(text, messages[-1].get("content")) if continue_final_message else text
+
+def _open_final_message(text: str, content: Any) -> str:
+    """``text`` cut right after the last occurrence of the final message's content (stripped, if the template
+    strips it): what follows it there is the template's end of that turn."""
+    if not isinstance(content, str) or not content.strip():
+        raise InvalidRequestError("continue_final_message needs a last message with text to continue",
+                                  param="messages")
+    for piece in (content, content.strip()):
+        at = text.rfind(piece)
+        if at >= 0:
+            return text[: at + len(piece)]
+    raise InvalidRequestError("continue_final_message: the chat template does not reproduce the last message's text",
+                              param="messages")
 
 
 def _raise_template_error(message: str) -> None:

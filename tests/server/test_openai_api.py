@@ -163,3 +163,60 @@ def test_tokenize_detokenize(server: ServerProcess, client: openai.OpenAI) -> No
     chat_tokens = httpx.post(f"{server.url}/tokenize", json={"messages": CHAT}).json()["count"]
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1)
     assert r.usage is not None and r.usage.prompt_tokens == chat_tokens
+
+
+def test_continue_final_message(server: ServerProcess, client: openai.OpenAI) -> None:
+    """vLLM's continue_final_message: the last (assistant) message stays open and the answer continues it."""
+    start = "My favourite colour is"
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": start}]
+    body = {"model": MODEL, "messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    tokens = httpx.post(f"{server.url}/tokenize", json=body).json()["tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert text.endswith(start)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert r.status_code == 200
+    answer = r.json()["choices"][0]["message"]["content"]
+    assert answer.strip() and r.json()["usage"]["prompt_tokens"] == len(tokens)
+    both = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "add_generation_prompt": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+    reserved = httpx.post(f"{server.url}/v1/chat/completions",
+                          json={**body, "chat_template_kwargs": {"messages": []}})
+    assert reserved.status_code == 400 and reserved.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_unsupported_vllm_fields_are_400s(server: ServerProcess) -> None:
+    """Fields of vLLM's API that would change the answer and are not implemented get a 400 naming them (not an
+    answer that ignores them); their neutral values (null, false, empty) are accepted."""
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    comp = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+    cases = [("guided_choice", ["red", "blue"]), ("guided_json", {"type": "object"}), ("allowed_token_ids", [504]),
+             ("bad_words", ["Blue"]), ("use_beam_search", True), ("prompt_logprobs", 0), ("truncate_prompt_tokens", 2),
+             ("structured_outputs", {"choice": ["red"]})]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for name, value in cases:
+            for path, body in (("/v1/chat/completions", chat), ("/v1/completions", comp)):
+                r = http.post(path, json={**body, name: value})
+                assert r.status_code == 400 and r.json()["error"]["param"] == name, (path, name, r.text)
+        for name, value in (("echo", True), ("chat_template", "{{ 'x' }}")):
+            r = http.post("/v1/chat/completions", json={**chat, name: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == name
+        r = http.post("/v1/completions", json={**comp, "response_format": {"type": "json_object"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+        neutral = {"guided_choice": None, "allowed_token_ids": [], "use_beam_search": False, "bad_words": [],
+                   "prompt_logprobs": None, "echo": False}
+        assert http.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200
+
+
+def test_continuous_usage_stats(client: openai.OpenAI) -> None:
+    """stream_options.continuous_usage_stats (vLLM's): every chunk carries the usage so far."""
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"stream_options": {"include_usage": True,
+                                                                               "continuous_usage_stats": True}}))
+    usages = [ch.usage for ch in chunks]
+    assert all(u is not None for u in usages)
+    counts = [u.completion_tokens for u in usages if u is not None]
+    assert counts == sorted(counts) and counts[-1] == 6 and len(set(counts)) > 2
+    plain = list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert [ch.usage is None for ch in plain[:-1]] == [True] * (len(plain) - 1) and plain[-1].usage is not None

@@ -91,10 +91,17 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate.
+
+        ``continue_final_message``: the last message is left open and generation continues it (a prefilled start
+        of the answer; needs ``add_generation_prompt=False``). ``chat_template_kwargs``: extra template variables."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt) for c in convs]  # type: ignore
+        prompts = [self.engine.tokenizer.apply_chat_template(c, add_generation_prompt,  # type: ignore[arg-type]
+                                                             continue_final_message, chat_template_kwargs)
+                   for c in convs]
         token_prompts: list[Prompt] = [self.engine.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         outs = self.generate(token_prompts, sampling_params, use_tqdm)
         for o, p in zip(outs, prompts):

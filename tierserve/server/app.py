@@ -93,7 +93,9 @@ def build_app(state: ServerState, api_key: str | None = None) -> FastAPI:
             raise InvalidRequestError("send exactly one of 'prompt' (text) or 'messages' (chat)", param="prompt")
         if body.messages is not None:
             try:
-                chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
+                chat = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt,
+                                             continue_final_message=body.continue_final_message,
+                                             chat_template_kwargs=body.chat_template_kwargs)
             except ValidationError as e:  # (e.g. an empty list: the same 400 as /v1/chat/completions gives)
                 raise validation_error(e) from None
             tokens = render_prompt(state, chat)

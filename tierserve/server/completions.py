@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -17,28 +18,33 @@ from tierserve.server.protocol import CompletionRequest, parse_body
 from tierserve.server.streaming import cancel_on_disconnect, clamp_logprob, sse, sse_response
 
 
-@dataclass
 class _LogprobsBuilder:
-    """The completions ``logprobs`` object: tokens, their logprobs, up to N+1 alternatives and text offsets."""
+    """The completions ``logprobs`` object: tokens, their logprobs, up to N+1 alternatives and text offsets.
 
-    offset: int = 0
-    tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
-    text_offset: list[int] = field(default_factory=list)
+    A token's ``text_offset`` is where it starts in the choice's text, in characters: the characters its
+    predecessors' bytes complete (a token holding the middle of a multi-byte character points at that character)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
+        self.token_bytes = token_bytes
+        self.chars = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[str, float]] = []
+        self.text_offset: list[int] = []
 
     def add(self, positions: list[PositionLogprobs]) -> dict[str, Any]:
         """Append positions; returns the object for just these positions (a streaming chunk's)."""
-        part = _LogprobsBuilder(self.offset)
+        part = _LogprobsBuilder(self.token_bytes)
         for pos in positions:
-            sampled = next(iter(pos.values()))  # the engine puts the sampled token first
+            tid, sampled = next(iter(pos.items()))  # the engine puts the sampled token first
             token = sampled.decoded_token or ""
             for b in (self, part):
                 b.tokens.append(token)
                 b.token_logprobs.append(clamp_logprob(sampled.logprob))
                 b.top_logprobs.append({lp.decoded_token or "": clamp_logprob(lp.logprob) for lp in pos.values()})
-                b.text_offset.append(self.offset)
-            self.offset += len(token)
+                b.text_offset.append(self.chars)
+            self.chars += len(self._utf8.decode(self.token_bytes(tid)))
         return part.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,20 +81,21 @@ async def create_completion(request: Request) -> Response:
     prompts = [state.llm.tokenize_prompt(p) for p in body.prompts()]
     gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", [ids for _, ids in prompts], params, arrival, body.priority)
     prefixes = [text if text is not None else state.llm.tokenizer.decode(ids) for text, ids in prompts]
+    token_bytes = state.llm.tokenizer.token_bytes
     choices = [_Choice(prefixes[k // params.n] if body.echo else "",
-                       _LogprobsBuilder() if params.logprobs is not None else None) for k in range(gen.num_choices)]
+                       _LogprobsBuilder(token_bytes) if params.logprobs is not None else None)
+               for k in range(gen.num_choices)]
     head = {"id": gen.request_id, "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
 
     if body.stream:
         async def events() -> AsyncIterator[str]:
-            usage_field = {"usage": None} if body.include_usage else {}
             async for k, delta in gen.deltas():
                 text, lp = choices[k].add(delta)
                 if text or lp or delta.finish_reason is not None:
                     choice = {"index": k, "text": text, "logprobs": lp, "finish_reason": delta.finish_reason,
                               "stop_reason": delta.stop_reason}
-                    yield sse({**head, "choices": [choice], **usage_field})
+                    yield sse({**head, "choices": [choice], **body.chunk_usage(gen.usage)})
             if body.include_usage:
                 yield sse({**head, "choices": [], "usage": gen.usage.to_dict()})
         return sse_response(events, gen.close)

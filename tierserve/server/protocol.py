@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import typing
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,6 +28,8 @@ def _allows_none(annotation: Any) -> bool:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    unsupported: ClassVar[dict[str, str]] = {}
+    """Fields (not modelled) whose setting gets a 400 naming them: ``parse_body`` checks them."""
 
     @model_validator(mode="before")
     @classmethod
@@ -43,6 +45,31 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: with ``include_usage``, every chunk also carries the usage so far (not only the last one)."""
+
+
+_UNSUPPORTED: dict[str, str] = {
+    "guided_json": "guided decoding", "guided_regex": "guided decoding", "guided_choice": "guided decoding",
+    "guided_grammar": "guided decoding", "structured_outputs": "structured outputs",
+    "allowed_token_ids": "allowed_token_ids", "bad_words": "bad_words", "use_beam_search": "beam search",
+    "truncate_prompt_tokens": "prompt truncation", "prompt_logprobs": "prompt logprobs",
+    "logits_processors": "logits processors", "return_tokens_as_token_ids": "return_tokens_as_token_ids",
+}
+"""Fields of vLLM's API that change what comes back, which this server does not implement: a request that sets one
+(to anything but null / false / empty) gets a 400 naming it rather than an answer that silently ignores it."""
+
+_UNSUPPORTED_CHAT: dict[str, str] = {
+    "echo": "echo in chat completions", "chat_template": "a per-request chat template",
+    "documents": "documents for the chat template",
+}
+
+
+def _reject_unsupported(data: dict[str, Any], table: dict[str, str]) -> None:
+    for name, what in table.items():
+        value = data.get(name)
+        if not (value is None or value is False or (isinstance(value, (str, list, dict)) and not value)):
+            raise InvalidRequestError(f"{name}: {what} is not supported by this server", param=name)
 
 
 class _SamplingFields(_Body):
@@ -68,12 +95,17 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None
     priority: int = 0
     """vLLM's field: lower is served first under ``--scheduling-policy priority`` (ignored under fcfs)."""
+    unsupported: ClassVar[dict[str, str]] = _UNSUPPORTED
 
     def _check_common(self) -> None:
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise InvalidRequestError("only response_format type 'text' is supported by this server",
+                                      param="response_format")
         if self.best_of is not None and self.best_of != self.n:
             raise InvalidRequestError(f"best_of ({self.best_of}) != n ({self.n}) is not supported by this server",
                                       param="best_of")
@@ -96,6 +128,14 @@ class _SamplingFields(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    def chunk_usage(self, usage: Any) -> dict[str, Any]:
+        """The ``usage`` field of a streamed chunk that carries choices: absent without ``include_usage``, null
+        with it, the usage so far with ``continuous_usage_stats`` too (vLLM's)."""
+        if not self.include_usage:
+            return {}
+        assert self.stream_options is not None
+        return {"usage": usage.to_dict() if self.stream_options.continuous_usage_stats else None}
 
 
 class CompletionRequest(_SamplingFields):
@@ -151,11 +191,16 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    """vLLM's: the last message is left open (no end-of-turn after it) and the model continues it - a prefilled
+    start of the answer. Needs ``add_generation_prompt`` false."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (vLLM's), e.g. a template's own switches."""
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
+    unsupported: ClassVar[dict[str, str]] = {**_UNSUPPORTED, **_UNSUPPORTED_CHAT}
 
     def to_sampling_params(self) -> SamplingParams:
         self._check_common()
@@ -167,9 +212,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.tool_choice not in (None, "none", "auto"):  # "auto" with no tools means plain text, as OpenAI does
             raise InvalidRequestError("tool_choice needs tools (function calling), which this server does not support",
                                       param="tool_choice")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("only response_format type 'text' is supported by this server",
-                                      param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
@@ -195,6 +237,8 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Body):
@@ -214,6 +258,7 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _reject_unsupported(data, model.unsupported)
     try:
         return model.model_validate(data)
     except ValidationError as e:
