@@ -202,8 +202,8 @@ def test_unsupported_vllm_fields_are_400s(server: ServerProcess) -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == name
         r = http.post("/v1/completions", json={**comp, "response_format": {"type": "json_object"}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
-        neutral: dict[str, object] = {"guided_choice": None, "allowed_token_ids": [], "use_beam_search": False, "bad_words": [],
-                   "prompt_logprobs": None, "echo": False}
+        neutral: dict[str, object] = {"guided_choice": None, "allowed_token_ids": [], "use_beam_search": False,
+                                      "bad_words": [], "prompt_logprobs": None, "echo": False}
         assert http.post("/v1/chat/completions", json={**chat, **neutral}).status_code == 200
 
 
