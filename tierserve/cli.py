@@ -5,11 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from tierserve import __version__
+from tierserve.errors import TierserveError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
 def positive_int(text: str) -> int:
@@ -38,7 +53,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default: %(default)s)")
     g.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: %(default)s)")
     g.add_argument("--max-model-len", type=positive_int, default=None,
-                   help="context length limit (default: the model's own)")
+                   help="context length limit, at most the model's own (default: the model's own)")
     g.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="token budget of one engine step; longer prompts are prefilled in chunks "
                         "(default: %(default)s)")
@@ -111,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except TierserveError as e:  # a setting or input that cannot work: its message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tierserve.errors import InvalidRequestError
+import torch
+
+from tierserve.errors import ConfigError, InvalidRequestError
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -87,11 +89,23 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def validate(self) -> None:
-        """ValueError naming the setting for sizes that cannot work (a zero step budget scheduled nothing, ever: the
-        engine spun without end; a zero block size divided by zero)."""
+        """ConfigError (a ValueError) naming the setting for sizes that cannot work (a zero step budget scheduled
+        nothing, ever: the engine spun without end; a zero block size divided by zero) and for a device this torch
+        cannot use - before the model loads."""
         for name, value in (("max_num_seqs", self.scheduler.max_num_seqs),
                             ("max_num_batched_tokens", self.scheduler.max_num_batched_tokens),
                             ("block_size", self.cache.block_size), ("max_model_len", self.max_model_len),
                             ("threads", self.threads), ("num_kv_blocks", self.cache.num_blocks)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device {self.device!r} is not a torch device ({e}); use cpu or cuda") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r}: tierserve runs on cpu or cuda")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r}: this torch ({torch.__version__}) sees no CUDA GPU")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ConfigError(f"device {self.device!r}: there are {torch.cuda.device_count()} CUDA device(s)")

@@ -26,6 +26,10 @@ class InvalidSamplingParamsError(InvalidRequestError):
     """A sampling parameter is out of range or not a number."""
 
 
+class ConfigError(TierserveError, ValueError):
+    """An engine setting that cannot work (a zero budget, an unknown device, a context longer than the model's)."""
+
+
 class ModelLoadError(TierserveError):
     """The model path, file or checkpoint cannot be loaded (missing, corrupt, unsupported)."""
 

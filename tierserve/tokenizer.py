@@ -137,13 +137,17 @@ class TokenizerWrapper:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
             self._template = env.from_string(self.chat_template)
-        text = self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **kwargs,
-        )
+        try:
+            text = self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
+        except (TypeError, jinja2.TemplateError) as e:  # e.g. a content that is not text: the template's + fails
+            raise InvalidRequestError(f"the chat template cannot render these messages ({type(e).__name__}: {e}); "
+                                      "each message's content must be text", param="messages") from None
         return _open_final_message(text, messages[-1].get("content")) if continue_final_message else text
 
 def _open_final_message(text: str, content: Any) -> str:

@@ -7,9 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tierserve import LLM, SamplingParams
-from tierserve.errors import InvalidRequestError, InvalidSamplingParamsError, ModelLoadError, PromptTooLongError
+from tierserve.errors import (
+    ConfigError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    ModelLoadError,
+    PromptTooLongError,
+)
 from tierserve.model_executor.loaders import load_checkpoint
 
 
@@ -147,3 +154,41 @@ def test_cli_sizes_must_be_positive() -> None:
         r = subprocess.run([sys.executable, "-m", "tierserve", "generate", "hi", *args], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 2 and args[0] in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("device, words", [("tpu9", "is not a torch device"), ("mps", "runs on cpu or cuda")]
+                         + ([("cuda", "sees no CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_unusable_device_is_a_config_error(device: str, words: str) -> None:
+    """Before the model loads, and a ConfigError (a TierserveError: the CLI prints it), not torch's RuntimeError."""
+    with pytest.raises(ConfigError, match=words):
+        LLM(dtype="float32", device=device)
+
+
+def test_context_longer_than_the_models_is_refused(llm_fp32: LLM) -> None:
+    """--max-model-len beyond the model's trained positions was silently cut to them (vLLM refuses it)."""
+    own = llm_fp32.engine.model_config.max_position_embeddings
+    with pytest.raises(ConfigError, match=f"--max-model-len {own + 1} is longer than the model's context of {own}"):
+        LLM(dtype="float32", max_model_len=own + 1, kv_cache_memory="64MiB")
+
+
+def test_chat_template_with_non_text_content_is_a_clear_error(llm_fp32: LLM) -> None:
+    with pytest.raises(InvalidRequestError, match="content must be text") as e:
+        llm_fp32.chat([{"role": "user", "content": None}], use_tqdm=False)  # type: ignore[dict-item]
+    assert e.value.param == "messages"
+
+
+def test_cli_bad_settings_exit_2_without_a_traceback() -> None:
+    """Bench sizes that cannot work are argparse errors (they were a ZeroDivisionError or an empty median after the
+    model had loaded); a bad device or sampling flag is one line and exit 2 - chat too (it exited 0, failing each
+    turn)."""
+    import subprocess
+    import sys
+
+    cases = [(["bench", "latency", "--output-len", "1"], "--output-len"),
+             (["bench", "throughput", "--runs", "0"], "--runs"),
+             (["bench", "throughput", "--input-len", "0"], "--input-len"),
+             (["generate", "hi", "--device", "tpu9"], "tpu9"), (["chat", "--top-p", "0"], "top_p")]
+    for args, words in cases:
+        r = subprocess.run([sys.executable, "-m", "tierserve", *args], capture_output=True, text=True, timeout=120,
+                           input="hi\n")
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])

@@ -187,7 +187,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) ->
 
 def register(sub: Any) -> None:
     """Register `bench throughput` and `bench latency` under the `bench` subparsers."""
-    from tierserve.cli import add_engine_args
+    from tierserve.cli import add_engine_args, int_at_least, positive_int
 
     for name, fn, desc, defaults in (
         ("throughput", cmd_throughput,
@@ -201,10 +201,14 @@ def register(sub: Any) -> None:
         p = sub.add_parser(name, help=desc.split(":")[0], description=desc,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == "throughput":
-            p.add_argument("--num-prompts", type=int, default=defaults[0], help="prompts in the batch")
-        p.add_argument("--input-len", type=int, default=defaults[1], help="prompt length in tokens")
-        p.add_argument("--output-len", type=int, default=defaults[2], help="new tokens per prompt")
-        p.add_argument("--runs", type=int, default=3, help="timed runs (the median is reported)")
+            p.add_argument("--num-prompts", type=positive_int, default=defaults[0], help="prompts in the batch")
+        p.add_argument("--input-len", type=positive_int, default=defaults[1], help="prompt length in tokens")
+        if name == "latency":  # (TPOT is the time between tokens: it needs two)
+            p.add_argument("--output-len", type=int_at_least(2), default=defaults[2],
+                           help="new tokens (at least 2: TPOT is the time from the first to the last over the rest)")
+        else:
+            p.add_argument("--output-len", type=positive_int, default=defaults[2], help="new tokens per prompt")
+        p.add_argument("--runs", type=positive_int, default=3, help="timed runs (the median is reported)")
         p.add_argument("--seed", type=int, default=0, help="seed of the prompt selection")
         p.add_argument("--json", default=None, help="write the result as JSON to this file")
         add_engine_args(p)

@@ -38,13 +38,14 @@ def _engine(args: argparse.Namespace) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     try:
+        params = _params(args)  # (checked before the model loads)
         engine = _engine(args)
         prompt: str | list[int] = args.prompt
         if not args.raw:
             prompt = engine.tokenizer.encode(
                 engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]),
                 add_special_tokens=False)
-        _stream(engine, "cli-0", prompt, _params(args))
+        _stream(engine, "cli-0", prompt, params)
     except TierserveError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -54,6 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     try:
+        params = _params(args)  # (a bad flag is an error now, not on every turn)
         engine = _engine(args)
     except TierserveError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -79,7 +81,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         try:
             prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages), add_special_tokens=False)
-            reply = _stream(engine, f"chat-{turn}", prompt, _params(args))
+            reply = _stream(engine, f"chat-{turn}", prompt, params)
         except TierserveError as e:
             hint = (" - the conversation no longer fits the context: /reset clears the history"
                     if isinstance(e, PromptTooLongError) and len(messages) > 1 else "")

@@ -16,7 +16,7 @@ from tierserve.config import EngineConfig
 from tierserve.core.kv_cache_manager import KVCacheManager
 from tierserve.core.scheduler import Scheduler, SchedulerOutput
 from tierserve.engine.detokenizer import IncrementalDetokenizer
-from tierserve.errors import InvalidRequestError, OutOfKVCacheMemoryError, PromptTooLongError
+from tierserve.errors import ConfigError, InvalidRequestError, OutOfKVCacheMemoryError, PromptTooLongError
 from tierserve.model_executor.loaders import load_checkpoint
 from tierserve.model_executor.model_runner import ModelRunner, ModelRunnerOutput
 from tierserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
@@ -65,8 +65,11 @@ class LLMEngine:
         self.model_config = ckpt.config
         self.tokenizer = ckpt.tokenizer
         self.model_path = ckpt.path
-        self.max_model_len = min(config.max_model_len or ckpt.config.max_position_embeddings,
-                                 ckpt.config.max_position_embeddings)
+        own = ckpt.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > own:  # (vLLM refuses it too)
+            raise ConfigError(f"--max-model-len {config.max_model_len} is longer than the model's context of {own} "
+                              "tokens (positions beyond it were never trained); leave it unset or lower it")
+        self.max_model_len = config.max_model_len or own
         self.runner = ModelRunner(ckpt.config, config.cache, ckpt.tensors, self.dtype, self.device,
                                   self.max_model_len, config.attention_backend, config.decode_graphs,
                                   config.scheduler.max_num_seqs)
