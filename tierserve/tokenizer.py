@@ -64,7 +64,10 @@ class TokenizerWrapper:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._template: jinja2.Template | None = None
         self._bytes: dict[int, bytes] = {}
-        self._added = {i for i in tokenizer.get_added_tokens_decoder()}
+        added = tokenizer.get_added_tokens_decoder()
+        self._added = set(added)
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        """Tokens ``decode(skip_special_tokens=True)`` leaves out of the text."""
         self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

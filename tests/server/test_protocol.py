@@ -103,3 +103,21 @@ def test_continue_final_message_in_the_template() -> None:
     with pytest.raises(InvalidRequestError) as e:
         tok.apply_chat_template(messages, add_generation_prompt=False, template_kwargs={"eos_token": "x"})
     assert e.value.param == "chat_template_kwargs"
+
+
+def test_text_offset_after_a_skipped_special_token() -> None:
+    """With skip_special_tokens (the default) a special token adds nothing to the text, so the next token's offset
+    stays where it was (the server's completions pass a token_bytes that gives special tokens no bytes)."""
+    from tierserve.bench.sources import load_tokenizer
+    from tierserve.outputs import Logprob
+    from tierserve.server.completions import _LogprobsBuilder
+
+    tok = load_tokenizer("smollm2-135m")
+    ids = tok.encode("Hi<|im_end|> there", add_special_tokens=False)
+    special = [i for i in ids if i in tok.special_ids]
+    assert special, ids
+    builder = _LogprobsBuilder(lambda t: b"" if t in tok.special_ids else tok.token_bytes(t))
+    builder.add([{t: Logprob(-0.1, 1, tok.decode([t], skip_special_tokens=False))} for t in ids])
+    text = tok.decode(ids)  # (special tokens skipped)
+    assert text == "Hi there"
+    assert builder.text_offset == [0, 2, 2]

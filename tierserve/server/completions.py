@@ -81,7 +81,12 @@ async def create_completion(request: Request) -> Response:
     prompts = [state.llm.tokenize_prompt(p) for p in body.prompts()]
     gen = Generation(state, f"cmpl-{uuid.uuid4().hex}", [ids for _, ids in prompts], params, arrival, body.priority)
     prefixes = [text if text is not None else state.llm.tokenizer.decode(ids) for text, ids in prompts]
-    token_bytes = state.llm.tokenizer.token_bytes
+    tokenizer = state.llm.tokenizer
+    special = tokenizer.special_ids if params.skip_special_tokens else frozenset()
+
+    def token_bytes(token_id: int) -> bytes:  # (the text's bytes: a skipped special token adds none)
+        return b"" if token_id in special else tokenizer.token_bytes(token_id)
+
     choices = [_Choice(prefixes[k // params.n] if body.echo else "",
                        _LogprobsBuilder(token_bytes) if params.logprobs is not None else None)
                for k in range(gen.num_choices)]
