@@ -42,6 +42,8 @@ class FakeServer:
     def __init__(self, ttft_s: float = 0.05, gap_s: float = 0.01, slow_s: float = 30.0) -> None:
         self.ttft_s, self.gap_s, self.slow_s = ttft_s, gap_s, slow_s
         self.requests: list[dict[str, Any]] = []
+        self.auth: list[str | None] = []
+        """The Authorization header of each generation request."""
         self.hits = self.queries = 0
         self.inflight = self.max_inflight = 0
         self.port = free_port()
@@ -86,6 +88,7 @@ class FakeServer:
         mode = request.path_params["mode"]
         body = await request.json()
         self.requests.append(body)
+        self.auth.append(request.headers.get("authorization"))
         n = len(self.requests)
         if mode == "error500" or (mode == "flaky" and n % 3 == 0):
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)

@@ -135,3 +135,43 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     text = capsys.readouterr().out
     for flag in ("--request-rate", "--max-concurrency", "--slo", "--trace-length-scale", "--request-timeout"):
         assert flag in text
+
+
+def test_api_key_is_sent_and_not_written(server: FakeServer, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server started with an API key can be benchmarked (--api-key, or OPENAI_API_KEY as vLLM's bench reads it);
+    the key never reaches the result files."""
+    before = len(server.auth)
+    rc = main(["bench", "serve", "--base-url", server.url("ok"), "--num-requests", "2", "--input-len", "8",
+               "--output-len", "2", "--num-warmups", "0", "--api-key", "sekret-1", "--output-dir", str(tmp_path),
+               "--disable-tqdm", "--no-plots"])
+    assert rc == 0 and server.auth[before:] == ["Bearer sekret-1"] * 2
+    assert "sekret-1" not in (tmp_path / "result.json").read_text()
+    monkeypatch.setenv("OPENAI_API_KEY", "sekret-2")
+    rc = main(["bench", "serve", "--base-url", server.url("ok"), "--num-requests", "1", "--input-len", "8",
+               "--output-len", "2", "--num-warmups", "0", "--output-dir", str(tmp_path / "env"), "--disable-tqdm",
+               "--no-plots"])
+    assert rc == 0 and server.auth[-1] == "Bearer sekret-2"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--output-len", "0"], "--output-len"),  # (0 was taken as "not set": 128 tokens were asked for)
+    (["--input-len", "0"], "--input-len"), (["--num-warmups", "-1"], "--num-warmups"),
+    (["--request-rate", "nan"], "--request-rate"), (["--base-url", "127.0.0.1:8000"], "--base-url"),
+    (["--workload", "mooncake", "--trace-length-scale", "0"], "--trace-length-scale"),  # (a ZeroDivisionError)
+    (["--workload", "mooncake", "--trace-offset", "-5"], "--trace-offset"),
+    (["--workload", "mooncake", "--max-context-tokens", "0"], "--max-context-tokens"),
+])
+def test_bad_flags_stop_before_anything_is_sent(args: list[str], flag: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "serve", "--num-requests", "2", "--output-dir", str(tmp_path), "--disable-tqdm", *args])
+    assert rc == 2 and flag in capsys.readouterr().err
+
+
+def test_every_request_answered_with_an_error_names_it(server: FakeServer, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "serve", "--base-url", server.url("error500"), "--num-requests", "2", "--input-len", "8",
+               "--output-len", "2", "--num-warmups", "0", "--output-dir", str(tmp_path), "--disable-tqdm",
+               "--no-plots"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "mostly http_500" in err and "answered http_500" in err and "is the server up" not in err

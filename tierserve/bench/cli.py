@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -67,6 +68,9 @@ def register_serve(sub: Any) -> None:
                    help="API to call; chat sends messages and lets the server apply its chat template")
     g.add_argument("--model", default=None, help="model name sent in each request (default: the first id the "
                    "server lists at /v1/models)")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="sent as 'Authorization: Bearer <key>', for a server started with an API key (default: the "
+                        "OPENAI_API_KEY environment variable, as vLLM's bench reads it; never written to results)")
     g.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds one request (stream included) may take before it counts as a 'timeout' failure")
     g.add_argument("--num-warmups", type=int, default=1, help="requests sent first and not measured")
@@ -145,6 +149,7 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
             num_requests=args.num_requests, request_rate=rate, burstiness=args.burstiness, max_concurrency=conc,
             use_trace_timestamps=args.use_trace_timestamps, seed=args.seed, temperature=args.temperature,
             ignore_eos=args.ignore_eos, request_timeout=args.request_timeout, num_warmups=args.num_warmups,
+            api_key=args.api_key,
             slo=slo, disable_tqdm=args.disable_tqdm, label=label))
     return configs
 
@@ -199,7 +204,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 130
     dead = [r for r in results if r["summary"]["completed"] == 0 and r["summary"]["failed"] > 0]
     if dead:  # a script or CI must see that the server was never reached (vLLM's bench stops with an error too)
-        print(f"error: every request failed in {len(dead)} of {len(results)} runs (is the server up at "
-              f"{configs[0].base_url}?)", file=sys.stderr)
+        kinds: dict[str, int] = {}
+        for r in dead:
+            for kind, count in r["summary"].get("failures", {}).items():
+                kinds[kind] = kinds.get(kind, 0) + count
+        top = max(kinds, key=lambda k: kinds[k]) if kinds else "unknown"
+        hint = (f"the server at {configs[0].base_url} answered {top}: see error_detail in the results"
+                if top.startswith("http_") and top != "http_error" else f"is the server up at {configs[0].base_url}?")
+        print(f"error: every request failed in {len(dead)} of {len(results)} runs (mostly {top}; {hint})",
+              file=sys.stderr)
         return 1
     return 0

@@ -61,8 +61,17 @@ class BenchConfig:
     disable_tqdm: bool = False
     label: str | None = None
 
+    api_key: str | None = None
+    """Sent as ``Authorization: Bearer <key>`` (a server started with an API key); never written to results."""
+
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/").removesuffix("/v1")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
+        if math.isnan(self.request_rate):
+            raise ValueError("--request-rate must be a number or inf, got nan")
+        if self.num_warmups < 0:
+            raise ValueError(f"--num-warmups must be >= 0, got {self.num_warmups}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
         if self.request_timeout <= 0:
@@ -72,6 +81,7 @@ class BenchConfig:
         d = asdict(self)
         d["workload_args"] = d.pop("workload")
         d["workload"] = self.workload.name
+        d["api_key"] = "(set)" if self.api_key else None
         d["request_rate"] = None if math.isinf(self.request_rate) else self.request_rate
         return d
 
@@ -191,7 +201,8 @@ async def run_benchmark(cfg: BenchConfig, workload: Workload | None = None,
     arrivals = arrival_times(cfg, workload)
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
     timeout = httpx.Timeout(cfg.request_timeout)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else None
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, headers=headers) as client:
         model = cfg.model or await fetch_model_id(client, cfg.base_url) or cfg.workload.tokenizer
         warm = _Run(cfg, client, model, time.perf_counter())
         await _wait([asyncio.create_task(_warm_up(warm, workload.sessions[0], cfg.num_warmups))], stop)

@@ -208,5 +208,12 @@ def build_workload(cfg: WorkloadConfig, num_requests: int, seed: int) -> Workloa
         raise ValueError(f"unknown workload {cfg.name!r}; choose one of {', '.join(WORKLOADS)}")
     if num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
+    for flag, value, low in (("--input-len", cfg.input_len, 1), ("--output-len", cfg.output_len, 1),
+                             ("--trace-offset", cfg.trace_offset, 0), ("--prefix-len", cfg.prefix_len, 1),
+                             ("--max-context-tokens", cfg.max_context_tokens, 2)):
+        if value is not None and value < low:  # (0 output tokens was taken as "not set": 128 were asked for)
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not cfg.trace_length_scale > 0:  # (also nan)
+        raise ValueError(f"--trace-length-scale must be > 0, got {cfg.trace_length_scale}")
     tok = load_tokenizer(cfg.tokenizer)
     return table[cfg.name](cfg, num_requests, np.random.default_rng(seed), tok)
