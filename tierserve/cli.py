@@ -27,15 +27,8 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a zero step budget or block size cannot work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+positive_int = int_at_least(1)
+"""argparse type: an integer >= 1 (a zero step budget or block size cannot work)."""
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -54,12 +54,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    try:
-        params = _params(args)  # (a bad flag is an error now, not on every turn)
-        engine = _engine(args)
-    except TierserveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    params = _params(args)  # (a bad flag stops here - main() prints it, exit 2 - not on every turn)
+    engine = _engine(args)
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
