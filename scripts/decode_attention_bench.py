@@ -55,6 +55,8 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's --block-size)")
     p.add_argument("--compare", metavar="DIGEST", help="another kernel build to time against this tree's")
     p.add_argument("--prefill", type=int, metavar="LEN", help="time prefill attention of --batch prompts of LEN tokens")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="K/V, query and compute dtype (float32: what an AVX2-only CPU computes in)")
     args = p.parse_args()
     if args.prefill:
         args.min_len = args.max_len = args.prefill
@@ -67,8 +69,9 @@ def main() -> int:
     from tierserve.utils.hugepages import host_buffer
 
     ops = cpu_ops()
-    if ops is None or not ops.has_avx512_bf16:
-        print("error: needs the native kernels on a CPU with AVX-512-BF16", file=sys.stderr)
+    dt = getattr(torch, args.dtype)
+    if ops is None or (dt == torch.bfloat16 and not ops.has_avx512_bf16):
+        print("error: needs the native kernels (and for bfloat16 a CPU with AVX-512-BF16)", file=sys.stderr)
         return 1
     builds = {"this tree": ops}
     if args.compare:
@@ -83,20 +86,21 @@ def main() -> int:
     max_blocks = (args.max_len + bs - 1) // bs
     nb = 2 * b * max_blocks
     per = 2 * hkv * nb * bs * d
-    buf = host_buffer(layers * per * 2, populate=True).view(torch.bfloat16)
-    buf.copy_(torch.randn(layers * per).to(torch.bfloat16))
+    esz = torch.empty((), dtype=dt).element_size()
+    buf = host_buffer(layers * per * esz, populate=True).view(dt)
+    buf.copy_(torch.randn(layers * per).to(dt))
     caches = list(buf.view(layers, 2, hkv, nb, bs, d).unbind(0))
     seq_lens = torch.randint(args.min_len, args.max_len + 1, (b,))
-    q = torch.randn(b, heads, d).to(torch.bfloat16)
+    q = torch.randn(b, heads, d).to(dt)
     contiguous = torch.arange(b * max_blocks).view(b, max_blocks).contiguous()
     scattered = torch.randperm(nb)[: b * max_blocks].view(b, max_blocks).contiguous()
-    kv_bytes = int(seq_lens.sum()) * hkv * 2 * d * 2 * layers
+    kv_bytes = int(seq_lens.sum()) * hkv * 2 * d * esz * layers
     hot_b = min(8, b)
     hot_reps = max(1, layers * b // hot_b)
-    hot_bytes = int(seq_lens[:hot_b].sum()) * hkv * 2 * d * 2 * hot_reps
+    hot_bytes = int(seq_lens[:hot_b].sum()) * hkv * 2 * d * esz * hot_reps
 
     # --prefill: every prompt whole in one chunk, its K/V already in the cache (the fused RoPE op writes them first)
-    qp = torch.randn(b * args.max_len, heads, d).to(torch.bfloat16)
+    qp = torch.randn(b * args.max_len, heads, d).to(dt)
     q_start = torch.arange(0, b * args.max_len + 1, args.max_len)
     flops = b * heads * d * 2 * 2 * (args.max_len * (args.max_len + 1) // 2) * layers
 

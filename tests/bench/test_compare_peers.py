@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tierserve.bench.peers import PEERS, PeerSettings, make_peer, peers_dir
-from tierserve.bench.peers.base import Peer, PeerStartError, free_port
+from tierserve.bench.peers.base import KV_CACHE_GIB, Peer, PeerStartError, free_port
 from tierserve.bench.peers.llamacpp import server_flags
 from tierserve.bench.peers.serving import CompareConfig, auto_num_requests, requests_per_level
 from tierserve.bench.peers.vllm_cpu import TCMALLOC_LIB, VllmCpu, VllmCpuZen, cpu_list
@@ -97,6 +97,9 @@ def test_tierserve_and_transformers_run_in_the_project_env(tmp_path: Path) -> No
     cmd = make_peer("tierserve", settings(tmp_path)).server_command(8002, 2)
     assert cmd[:5] == [sys.executable, "-m", "tierserve.cli", "serve", "--model"]
     assert cmd[cmd.index("--threads") + 1] == "2" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    # the same KV budget as vLLM-CPU's VLLM_CPU_KVCACHE_SPACE (with its own 1 GiB default tierserve preempted in float32)
+    assert cmd[cmd.index("--kv-cache-memory") + 1] == f"{KV_CACHE_GIB}GiB"
+    assert VllmCpu(settings(tmp_path)).server_env(2)["VLLM_CPU_KVCACHE_SPACE"] == str(KV_CACHE_GIB)
     cmd = make_peer("transformers", settings(tmp_path)).server_command(8003, 2)
     assert cmd[0] == sys.executable and cmd[1].endswith("hf_server.py")
     assert make_peer("llamacpp-native", settings(tmp_path)).offline_command(Path("s"), Path("o")) is None

@@ -27,6 +27,12 @@ from tierserve.errors import TierserveError
 
 logger = logging.getLogger(__name__)
 
+KV_CACHE_GIB = 4
+"""The KV cache every engine with a configurable paged cache gets in a comparison (vLLM-CPU's
+VLLM_CPU_KVCACHE_SPACE, tierserve's --kv-cache-memory): one budget for all, so that no engine preempts where another
+does not. 4 GiB holds the offline batch (64 x 384 tokens) whole in float32 (46 KiB a token for the default model),
+where tierserve's own default of 1 GiB made it preempt four sequences near the end of every run."""
+
 SCRIPTS = Path(__file__).parent / "scripts"
 """Stand-alone scripts run by a peer's own interpreter (they import nothing from tierserve)."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tierserve.bench.peers.base import Peer, tail
+from tierserve.bench.peers.base import KV_CACHE_GIB, Peer, tail
 from tierserve.bench.peers.machine import CpuAccount, IdleCheck
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class OfflineSpec:
     num_runs: int = 3
     batch_size: int = 16
     seed: int = 0
+    kv_cache_gib: int = KV_CACHE_GIB
 
     def build(self) -> dict[str, Any]:
         """The spec file's content (``scripts/offline_io.py``), prompts included."""

