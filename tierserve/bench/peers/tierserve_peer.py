@@ -22,7 +22,8 @@ class TierservePeer(Peer):
 
     def server_command(self, port: int, threads: int) -> list[str]:
         return [sys.executable, "-m", "tierserve.cli", "serve", "--model", self.settings.model,
-                "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), "--kv-cache-memory", f"{KV_CACHE_GIB}GiB", "--disable-log-requests"]
+                "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
+                "--kv-cache-memory", f"{KV_CACHE_GIB}GiB", "--disable-log-requests"]
 
     def offline_command(self, spec_path: Path, out_path: Path) -> list[str]:
         return [sys.executable, str(SCRIPTS / "tierserve_offline.py"), str(spec_path), str(out_path)]
