@@ -48,3 +48,13 @@ def test_spec_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     r = json.loads(out.read_text())
     assert r["num_prompts"] == 2 and r["prompt_tokens"] == 6 and r["output_tokens"] == 4 and len(r["runs_s"]) == 2
+
+
+def test_before_each_runs_untimed_before_every_run() -> None:
+    """An engine with a prefix cache empties it before every timed run (vLLM's runs 2..N reused run 1's KV)."""
+    events: list[str] = []
+    spec = {"prompts": [[1], [2]], "max_tokens": 2, "num_runs": 3}
+    runs, total = offline_io.timed_runs(spec, lambda: events.append("run") or [2, 2],
+                                        before_each=lambda: events.append("reset"))
+    assert events == ["reset", "run"] * 3 and len(runs) == 3 and total == 4
+

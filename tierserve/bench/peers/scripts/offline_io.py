@@ -34,10 +34,15 @@ def check_counts(spec: dict[str, Any], output_lens: list[int]) -> int:
     return sum(output_lens)
 
 
-def timed_runs(spec: dict[str, Any], run_once: Any) -> tuple[list[float], int]:
-    """Call ``run_once() -> list of output lengths`` ``num_runs`` times; seconds per run and tokens per run."""
+def timed_runs(spec: dict[str, Any], run_once: Any, before_each: Any = None) -> tuple[list[float], int]:
+    """Call ``run_once() -> list of output lengths`` ``num_runs`` times; seconds per run and tokens per run.
+    ``before_each()``, untimed, before every run: an engine with a prefix cache empties it there, so that no run
+    reuses the KV of the same prompts from the warm-up or an earlier run (every run a new batch, as for an engine
+    without one)."""
     runs, total = [], 0
     for i in range(spec["num_runs"]):
+        if before_each is not None:
+            before_each()
         t0 = time.perf_counter()
         lens = run_once()
         runs.append(time.perf_counter() - t0)
