@@ -48,13 +48,13 @@ class OfflineSpec:
 
 def prompt_ids(model: str, num_prompts: int, prompt_len: int, seed: int) -> list[list[int]]:
     """``num_prompts`` windows of ``prompt_len`` token ids from the essay corpus, none overlapping another."""
-    from tierserve.bench.sources import TextCutter, load_tokenizer
+    from tierserve.bench.sources import TextCutter, WorkloadFileError, load_tokenizer
 
     ids = TextCutter(load_tokenizer(model), np.random.default_rng(seed)).ids
     num_slots = len(ids) // prompt_len
     if num_slots < num_prompts:
-        raise ValueError(f"the text corpus holds {num_slots} windows of {prompt_len} tokens, fewer than "
-                         f"{num_prompts} prompts")
+        raise WorkloadFileError(f"the essay corpus holds {num_slots} distinct windows of {prompt_len} tokens, fewer "
+                                f"than the {num_prompts} prompts asked for; ask for fewer or shorter prompts")
     slots = np.random.default_rng(seed).choice(num_slots, size=num_prompts, replace=False)
     return [list(ids[s * prompt_len:(s + 1) * prompt_len]) for s in slots.tolist()]
 
