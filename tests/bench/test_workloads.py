@@ -148,3 +148,13 @@ def test_missing_file_and_data_dir_override(tmp_path: Path, monkeypatch: pytest.
     assert data_dir() == tmp_path
     with pytest.raises(WorkloadFileError, match="TIERSERVE_DATA_DIR"):
         build_workload(WorkloadConfig(name="azure"), 1, seed=0)
+
+
+def test_offline_prompts_distinct_windows_or_a_clear_error() -> None:
+    from tierserve.bench.peers.offline import prompt_ids
+
+    got = prompt_ids("smollm2-135m", 8, 64, seed=1)
+    assert len(got) == 8 and all(len(p) == 64 for p in got) and len({tuple(p) for p in got}) == 8
+    assert prompt_ids("smollm2-135m", 8, 64, seed=1) == got
+    with pytest.raises(WorkloadFileError, match=r"fewer than the 100000 prompts asked for"):
+        prompt_ids("smollm2-135m", 100_000, 256, seed=0)
