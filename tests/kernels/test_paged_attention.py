@@ -75,6 +75,18 @@ def test_blocks_larger_than_16_tokens(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("bs,d", [(8, 64), (24, 64), (10, 40), (16, 40), (64, 56)])
+def test_float32_prefill_tiles_any_block_size_and_head_dim(bs: int, d: int) -> None:
+    """float32 prefill items of >= 6 rows take the register-tiled path (keys in groups of 16, a block size that is not
+    a multiple of 16 splits a group at the block's end; p.V in 16-feature slices, then the last 8 features alone):
+    prompts whose last tile is partial, a later chunk, and decodes beside them."""
+    q, k, v, cache, meta = _case(torch.float32, [3, 41], [(37, 37), (130, 51), (200, 200), (9, 2)], d=d, bs=bs)
+    ref_cache = cache.clone()
+    ref = TorchAttentionBackend(H, HKV, d, bs).forward(q, k, v, ref_cache, meta)
+    out = CpuAttentionBackend(H, HKV, d, bs).forward(q, k, v, cache, meta)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 48), (torch.float32, 48), (torch.float32, 96),
                                      (torch.float32, 20)])
 def test_head_dims_off_the_fast_paths(dtype: torch.dtype, d: int) -> None:

@@ -592,9 +592,12 @@ inline void pv_f32(const float* p, const Span<float>& vs, int64_t t0, int64_t t1
 void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const Span<float>& ks, const Span<float>& vs,
                 int64_t ctx, float scale, float* out, int64_t out_tok_stride, std::vector<float>& scratch) {
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
-  scratch.resize(static_cast<size_t>(nq * ctx + nq * d + 2 * nq));
+  // score rows padded to whole groups of 8 and one more, so that pass 2 reads and writes whole vectors (AVX2's masked
+  // stores are slow on AMD)
+  const int64_t cs = (ctx + 7) / 8 * 8 + 8;
+  scratch.resize(static_cast<size_t>(nq * cs + nq * d + 2 * nq));
   float* sc = scratch.data();
-  float* acc = sc + nq * ctx;
+  float* acc = sc + nq * cs;
   float* inv_z = acc + nq * d;
   auto first_row = [&](int64_t t) {  // first row that sees key t (limits are nondecreasing)
     return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
@@ -613,19 +616,19 @@ void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const S
     for (int64_t r = r0; r < nq; ++r) {
       const int64_t seen = std::min(n, limit[r] - t0);  // keys of this block the row sees
       for (int64_t j = 0; j < seen; j += 8) {
-        scores8_f32(qs.row(r), kb + j * d, std::min<int64_t>(8, seen - j), d, scale, sc + r * ctx + t0 + j);
+        scores8_f32(qs.row(r), kb + j * d, std::min<int64_t>(8, seen - j), d, scale, sc + r * cs + t0 + j);
       }
     }
   }
   // Pass 2: softmax numerators in place, 1 / sum per row.
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t r = 0; r < nq; ++r) {
-    float* s = sc + r * ctx;
+    float* s = sc + r * cs;
     const int64_t lim = std::min(limit[r], ctx);
     __m256 mv = ninf;
     for (int64_t t = 0; t < lim; t += 8) {
       const __m256i k = tierserve_vec::lanes_below(lim - t);
-      mv = _mm256_max_ps(mv, _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + t, k), _mm256_castsi256_ps(k)));
+      mv = _mm256_max_ps(mv, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + t), _mm256_castsi256_ps(k)));
     }
     mv = _mm256_max_ps(mv, _mm256_permute2f128_ps(mv, mv, 1));
     mv = _mm256_max_ps(mv, _mm256_permute_ps(mv, 0x4E));
@@ -633,10 +636,10 @@ void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const S
     __m256 zv = _mm256_setzero_ps();
     for (int64_t t = 0; t < lim; t += 8) {
       const __m256i k = tierserve_vec::lanes_below(lim - t);
-      const __m256 e = _mm256_and_ps(tierserve_vec::exp256(_mm256_sub_ps(_mm256_maskload_ps(s + t, k), mv)),
+      const __m256 e = _mm256_and_ps(tierserve_vec::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)),
                                      _mm256_castsi256_ps(k));
       zv = _mm256_add_ps(zv, e);
-      _mm256_maskstore_ps(s + t, k, e);
+      _mm256_storeu_ps(s + t, e);
     }
     inv_z[r] = 1.f / tierserve_vec::hsum(zv);
   }
@@ -645,7 +648,7 @@ void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const S
     const int64_t c1 = std::min(ctx, c0 + kF32KeyChunk);
     for (int64_t r = first_row(c0); r < nq; ++r) {
       const int64_t t1 = std::min(c1, limit[r]);
-      const float* p = sc + r * ctx;
+      const float* p = sc + r * cs;
       for (int64_t f0 = 0; f0 < d; f0 += 64) {
         float* a = acc + r * d + f0;
         switch (std::min<int64_t>(64, d - f0) / 8) {
@@ -659,6 +662,258 @@ void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const S
           default: pv_f32<1>(p, vs, c0, t1, d, f0, c0 == 0, a); break;
         }
       }
+    }
+  }
+  for (int64_t r = 0; r < nq; ++r) {
+    float* o = out + (r / G) * out_tok_stride + (r % G) * d;
+    const __m256 z = _mm256_set1_ps(inv_z[r]);
+    for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(acc + r * d + i), z));
+  }
+}
+
+// ---- float32 prefill items (many query rows): scores and p.V as small register-tiled GEMMs --------------------------
+// A prefill work item has tens of rows (a tile of query tokens times the GQA group) against the same keys, so it is
+// compute-bound, and the dot-product form above (each score a horizontal-add tree, each key row loaded once per query
+// row) ran at ~37% of the FMA peak. Here the rows are packed once per item into panels of 6 ([d][8]), each group of 16
+// keys is transposed once into [d][16], and every 6 rows x 16 keys of scores come from 12 accumulators, one FMA per
+// (feature, row, 8 keys) - linear_f32's tile; p.V takes 6 rows x 16 features per register set over chunks of keys that
+// stay in L1. Each score still sums its features in order, each output its keys in order.
+
+// o[i * os + j] = rows[j][i] for j < 8, i < d (d a multiple of 8); a null row gives zeros.
+inline void transpose8_f32(const float* const* rows, int64_t d, float* o, int64_t os) {
+  for (int64_t i0 = 0; i0 < d; i0 += 8, o += 8 * os) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = rows[j] ? _mm256_loadu_ps(rows[j] + i0) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(o + 0 * os, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(o + 1 * os, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(o + 2 * os, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(o + 3 * os, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(o + 4 * os, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(o + 5 * os, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(o + 6 * os, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(o + 7 * os, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+}
+
+// kt[i][j] = k_j[i] for the n (<= 16) key rows from k (stride d), zero for j >= n.
+inline void transpose_keys16(const float* k, int64_t n, int64_t d, float* kt) {
+  for (int64_t j0 = 0; j0 < 16; j0 += 8) {
+    const float* kr[8];
+    for (int64_t j = 0; j < 8; ++j) kr[j] = j0 + j < n ? k + (j0 + j) * d : nullptr;
+    transpose8_f32(kr, d, kt + j0, 16);
+  }
+}
+
+// S[r][0..16) = q_r . k_j (unscaled: a register for the scale made GCC reload a key vector for every FMA) for the R
+// rows of a packed panel qp ([d][8]: feature i of row r at qp[8 i + r])
+// against a transposed group kt [d][16] (zero past its keys), to o + r * os.
+template <int R>
+inline void scores_tile_f32(const float* qp, const float* kt, int64_t d, float* o, int64_t os) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
+         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  for (int64_t i = 0; i < d; ++i, qp += 8, kt += 16) {
+    const __m256 k0 = _mm256_loadu_ps(kt), k1 = _mm256_loadu_ps(kt + 8);
+    __m256 x = _mm256_broadcast_ss(qp);
+    a00 = _mm256_fmadd_ps(x, k0, a00);
+    a01 = _mm256_fmadd_ps(x, k1, a01);
+    if constexpr (R > 1) {
+      x = _mm256_broadcast_ss(qp + 1);
+      a10 = _mm256_fmadd_ps(x, k0, a10);
+      a11 = _mm256_fmadd_ps(x, k1, a11);
+    }
+    if constexpr (R > 2) {
+      x = _mm256_broadcast_ss(qp + 2);
+      a20 = _mm256_fmadd_ps(x, k0, a20);
+      a21 = _mm256_fmadd_ps(x, k1, a21);
+    }
+    if constexpr (R > 3) {
+      x = _mm256_broadcast_ss(qp + 3);
+      a30 = _mm256_fmadd_ps(x, k0, a30);
+      a31 = _mm256_fmadd_ps(x, k1, a31);
+    }
+    if constexpr (R > 4) {
+      x = _mm256_broadcast_ss(qp + 4);
+      a40 = _mm256_fmadd_ps(x, k0, a40);
+      a41 = _mm256_fmadd_ps(x, k1, a41);
+    }
+    if constexpr (R > 5) {
+      x = _mm256_broadcast_ss(qp + 5);
+      a50 = _mm256_fmadd_ps(x, k0, a50);
+      a51 = _mm256_fmadd_ps(x, k1, a51);
+    }
+  }
+  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(o + r * os, acc[r][0]);
+    _mm256_storeu_ps(o + r * os + 8, acc[r][1]);
+  }
+}
+
+// acc_r[0..16) (+)= sum over keys t in [t0, t1) of p_r[t] * v(t)[f0 .. f0 + 16) for R (1-6) rows (row r's p at
+// p + r * ps, its accumulators at acc + r * as); keys in order. first: start from zero instead of acc.
+template <int R>
+inline void pv_tile_f32(const float* p, int64_t ps, const Span<float>& vs, int64_t t0, int64_t t1, int64_t d,
+                        int64_t f0, bool first, float* acc, int64_t as) {
+  auto init = [&](int r, int u) {
+    return (first || r >= R) ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + r * as + 8 * u);
+  };
+  __m256 a00 = init(0, 0), a01 = init(0, 1), a10 = init(1, 0), a11 = init(1, 1), a20 = init(2, 0), a21 = init(2, 1),
+         a30 = init(3, 0), a31 = init(3, 1), a40 = init(4, 0), a41 = init(4, 1), a50 = init(5, 0), a51 = init(5, 1);
+  const float *p0 = p, *p1 = p + (R > 1 ? ps : 0), *p2 = p + (R > 2 ? 2 * ps : 0), *p3 = p + (R > 3 ? 3 * ps : 0),
+              *p4 = p + (R > 4 ? 4 * ps : 0), *p5 = p + (R > 5 ? 5 * ps : 0);
+  const int64_t bs = vs.block_size;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t n = std::min(bs - vs.offset_of(t), t1 - t);
+    const float* v = vs.row(t, d) + f0;
+    for (int64_t j = t; j < t + n; ++j, v += d) {
+      const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+      __m256 pb = _mm256_broadcast_ss(p0 + j);
+      a00 = _mm256_fmadd_ps(pb, v0, a00);
+      a01 = _mm256_fmadd_ps(pb, v1, a01);
+      if constexpr (R > 1) {
+        pb = _mm256_broadcast_ss(p1 + j);
+        a10 = _mm256_fmadd_ps(pb, v0, a10);
+        a11 = _mm256_fmadd_ps(pb, v1, a11);
+      }
+      if constexpr (R > 2) {
+        pb = _mm256_broadcast_ss(p2 + j);
+        a20 = _mm256_fmadd_ps(pb, v0, a20);
+        a21 = _mm256_fmadd_ps(pb, v1, a21);
+      }
+      if constexpr (R > 3) {
+        pb = _mm256_broadcast_ss(p3 + j);
+        a30 = _mm256_fmadd_ps(pb, v0, a30);
+        a31 = _mm256_fmadd_ps(pb, v1, a31);
+      }
+      if constexpr (R > 4) {
+        pb = _mm256_broadcast_ss(p4 + j);
+        a40 = _mm256_fmadd_ps(pb, v0, a40);
+        a41 = _mm256_fmadd_ps(pb, v1, a41);
+      }
+      if constexpr (R > 5) {
+        pb = _mm256_broadcast_ss(p5 + j);
+        a50 = _mm256_fmadd_ps(pb, v0, a50);
+        a51 = _mm256_fmadd_ps(pb, v1, a51);
+      }
+    }
+    t += n;
+  }
+  const __m256 out[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * as, out[r][0]);
+    _mm256_storeu_ps(acc + r * as + 8, out[r][1]);
+  }
+}
+
+// attend_f32's work item by the tiles above (nq >= kF32GemmRows rows).
+constexpr int64_t kF32GemmRows = 6;
+
+void attend_f32_gemm(const Rows<float>& qs, int64_t nq, const int64_t* limit, const Span<float>& ks,
+                     const Span<float>& vs, int64_t ctx, float scale, float* out, int64_t out_tok_stride,
+                     std::vector<float>& scratch) {
+  const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
+  // score row stride: whole 16-key groups, plus one (with blocks of 8 keys, a group may start 8 keys before the end)
+  const int64_t cs = (ctx + 15) / 16 * 16 + 16;
+  const int64_t panels = (nq + 5) / 6;
+  scratch.resize(static_cast<size_t>(nq * cs + nq * d + nq + d * 16 + panels * 8 * d));
+  float* sc = scratch.data();
+  float* acc = sc + nq * cs;
+  float* inv_z = acc + nq * d;
+  float* kt = inv_z + nq;
+  float* qpk = kt + d * 16;
+  auto first_row = [&](int64_t t) {
+    return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
+  };
+  // The rows in panels of 6 from row 0, each transposed to [d][8] (lanes 6 and 7 unused).
+  for (int64_t pn = 0; pn < panels; ++pn) {
+    const float* qr[8] = {};
+    for (int64_t u = 0; u < 6 && pn * 6 + u < nq; ++u) qr[u] = qs.row(pn * 6 + u);
+    transpose8_f32(qr, d, qpk + pn * 8 * d, 8);
+  }
+  // Pass 1: scores, 16 keys at a time, for the panels from the one holding the first row that sees the first key
+  // (rows of that panel before it compute scores they never read).
+  for (int64_t t0 = 0; t0 < ctx;) {
+    const int64_t r0 = first_row(t0);
+    if (r0 >= nq) break;
+    const int64_t n = std::min<int64_t>({16, ctx - t0, bs - ks.offset_of(t0)});
+    transpose_keys16(ks.row(t0, d), n, d, kt);
+    for (int64_t pn = r0 / 6; pn < panels; ++pn) {
+      const int64_t r = pn * 6, mr = std::min<int64_t>(6, nq - r);
+      const float* qp = qpk + pn * 8 * d;
+      float* o = sc + r * cs + t0;
+      switch (mr) {
+        case 6: scores_tile_f32<6>(qp, kt, d, o, cs); break;
+        case 5: scores_tile_f32<5>(qp, kt, d, o, cs); break;
+        case 4: scores_tile_f32<4>(qp, kt, d, o, cs); break;
+        case 3: scores_tile_f32<3>(qp, kt, d, o, cs); break;
+        case 2: scores_tile_f32<2>(qp, kt, d, o, cs); break;
+        default: scores_tile_f32<1>(qp, kt, d, o, cs); break;
+      }
+    }
+    t0 += n;
+  }
+  // Pass 2: softmax numerators in place (zero from the row's limit on, so that a p.V tile of rows with different
+  // limits adds nothing past each row's own), 1 / sum per row.
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), sv = _mm256_set1_ps(scale);
+  for (int64_t r = 0; r < nq; ++r) {
+    float* s = sc + r * cs;
+    const int64_t lim = std::min(limit[r], ctx);
+    __m256 mv = ninf;
+    // plain loads and stores of whole groups of 8 (the row has room; AVX2's masked stores are slow on AMD), lanes
+    // past lim masked out of the max and the sum
+    for (int64_t t = 0; t < lim; t += 8) {  // scale (after the dot product, as attend_f32 does), then max
+      const __m256i k = tierserve_vec::lanes_below(lim - t);
+      const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + t), sv);
+      _mm256_storeu_ps(s + t, x);
+      mv = _mm256_max_ps(mv, _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(k)));
+    }
+    mv = _mm256_max_ps(mv, _mm256_permute2f128_ps(mv, mv, 1));
+    mv = _mm256_max_ps(mv, _mm256_permute_ps(mv, 0x4E));
+    mv = _mm256_max_ps(mv, _mm256_permute_ps(mv, 0xB1));
+    __m256 zv = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t < lim; t += 8) {
+      const __m256i k = tierserve_vec::lanes_below(lim - t);
+      const __m256 e = _mm256_and_ps(tierserve_vec::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv)),
+                                     _mm256_castsi256_ps(k));
+      zv = _mm256_add_ps(zv, e);
+      _mm256_storeu_ps(s + t, e);  // zero past lim within this group of 8 (cs is a multiple of 8)
+    }
+    for (; t < cs; t += 8) _mm256_storeu_ps(s + t, _mm256_setzero_ps());
+    inv_z[r] = 1.f / tierserve_vec::hsum(zv);
+  }
+  // Pass 3: p.V over chunks of kF32KeyChunk keys (in L1 while the rows pass), 6 rows x 16 features at a time, each
+  // tile over the keys of the chunk its last row sees (limits are nondecreasing; the other rows' p is zero past theirs).
+  for (int64_t c0 = 0; c0 < ctx; c0 += kF32KeyChunk) {
+    const int64_t c1 = std::min(ctx, c0 + kF32KeyChunk);
+    for (int64_t r = first_row(c0); r < nq; r += 6) {
+      const int64_t mr = std::min<int64_t>(6, nq - r);
+      const int64_t t1 = std::min(c1, limit[r + mr - 1]);
+      const float* p = sc + r * cs;
+      // every row sees key 0, so each row's first chunk is c0 == 0: there its accumulators start from zero
+      const bool first = c0 == 0;
+      int64_t f0 = 0;
+      for (; f0 + 16 <= d; f0 += 16) {
+        float* a = acc + r * d + f0;
+        switch (mr) {
+          case 6: pv_tile_f32<6>(p, cs, vs, c0, t1, d, f0, first, a, d); break;
+          case 5: pv_tile_f32<5>(p, cs, vs, c0, t1, d, f0, first, a, d); break;
+          case 4: pv_tile_f32<4>(p, cs, vs, c0, t1, d, f0, first, a, d); break;
+          case 3: pv_tile_f32<3>(p, cs, vs, c0, t1, d, f0, first, a, d); break;
+          case 2: pv_tile_f32<2>(p, cs, vs, c0, t1, d, f0, first, a, d); break;
+          default: pv_tile_f32<1>(p, cs, vs, c0, t1, d, f0, first, a, d); break;
+        }
+      }
+      for (int64_t u = 0; f0 < d && u < mr; ++u)  // the last 8 features, a row at a time
+        pv_f32<1>(p + u * cs, vs, c0, t1, d, f0, first, acc + (r + u) * d + f0);
     }
   }
   for (int64_t r = 0; r < nq; ++r) {
@@ -681,7 +936,11 @@ void attend(const Rows<T>& qs, int64_t nq, const int64_t* limit, const Span<T>& 
 #ifdef TS_AVX2_FMA
   if constexpr (std::is_same_v<T, float>) {
     if (qs.d % 8 == 0) {
-      attend_f32(qs, nq, limit, ks, vs, ctx, scale, out, out_tok_stride, scratch);
+      if (nq >= kF32GemmRows) {
+        attend_f32_gemm(qs, nq, limit, ks, vs, ctx, scale, out, out_tok_stride, scratch);
+      } else {
+        attend_f32(qs, nq, limit, ks, vs, ctx, scale, out, out_tok_stride, scratch);
+      }
       return;
     }
   }
