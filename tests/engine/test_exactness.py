@@ -123,3 +123,33 @@ def test_cuda_graphs(prompt_ids: list[list[int]], references: list[Generated]) -
 def test_triton_attention_backend(prompt_ids: list[list[int]], references: list[Generated]) -> None:
     llm = LLM(dtype="float32", kv_cache_memory="256MiB", attention_backend="triton", device=TEST_DEVICE)
     _check("triton attention backend", references, llm.generate(prompt_ids, GREEDY, use_tqdm=False))
+
+
+def test_screened_greedy_head(llm_fp32: LLM, prompt_ids: list[list[int]], references: list[Generated]) -> None:
+    """Plain greedy rows (no logprobs: the tests above ask for them, so they see every logit) take their tokens from
+    the LM head's int8 screen (``greedy_head_f32``) where the float32 projections run the native AVX2 linear: the
+    same tokens as the full head, in one batch and one at a time, and transformers' tokens."""
+    model = llm_fp32.engine.runner.model
+    if model.screen is None or model.f32 is None:
+        pytest.skip("no float32 screen on this path (the native AVX2 linear does not run here, e.g. on a GPU)")
+    assert model.screens(len(prompt_ids), len(prompt_ids)) and model.screens(1, 1)
+    plain = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+    def run() -> list[list[int]]:
+        batch = [list(o.outputs[0].token_ids) for o in llm_fp32.generate(prompt_ids, plain, use_tqdm=False)]
+        alone = [list(llm_fp32.generate([ids], plain, use_tqdm=False)[0].outputs[0].token_ids)
+                 for ids in prompt_ids[:3]]
+        return batch + alone
+
+    screened = run()
+    saved, model.screen = model.screen, None  # the full head + argmax
+    try:
+        full = run()
+    finally:
+        model.screen = saved
+    assert screened == full
+    refs = [r.token_ids for r in references] + [r.token_ids for r in references[:3]]
+    same = sum(a == b for s, r in zip(screened, refs) for a, b in zip(s, r))
+    total = sum(len(s) for s in screened)
+    print(f"[screened greedy head] identical to transformers: {same}/{total}")
+    assert same / total >= 0.97

@@ -12,7 +12,11 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 #include "parallel.h"
 
@@ -203,11 +207,220 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
   return y;
 }
 
+// ---- Greedy LM head by screening (float32) ------------------------------------------------------------------------
+// greedy_head_f32 is greedy_head (linear_vnni.cpp) for linear_f32's float32 logits on AVX2: the same int8 screen
+// (screen_weights: w8 [ceil(N/64), KP, 64, 2], per-row scale s, bounds a and c) gives every logit within a proven
+// bound, and only the 16-output blocks that can hold the row's maximum are computed exactly - with linear_f32's tile,
+// so bit for bit linear_f32's values - and the token is the one linear_f32 + argmax_rows gives (first of equal
+// maxima). The screen's dot products are int16 pairs (x quantised per row to int16, w8 widened) on VPMADDWD: two of
+// them a cycle and adds on the other vector pipes, 32 multiply-adds a cycle where float32 FMA does 16, and a quarter
+// of the head's bytes - the head is ~20% of a decode token's multiply-adds on the default model and ~20% of its
+// weight bytes. The bound: with E = a_v H1 + c_v s_x (H1 = sum |x_i|; see screen_weights), the float32 logit is within
+// B_v = E (1 + 2^-10) + (|l'_v| + E) 2^-18 of l'_v = s_v s_x sum_i w8_vi x16_i (the margins cover the rounding of l',
+// E, B and of the sums and differences below; the float32 logit itself is not rounded further).
+#ifdef TS_AVX2_FMA
+namespace {
+
+constexpr int64_t kScreenGroup = 64;  // outputs per run of screen_weights' layout (4 blocks of 16)
+
+// int32 sums of R (1-4) rows of int16-pair x (xq + r * xqs, KP dwords each) against one 16-output block of the screen
+// (wb: the block's 32 bytes at kp = 0; the next kp 128 bytes on), to acc[2 r], acc[2 r + 1] (outputs 0-7, 8-15).
+template <int R>
+inline void screen_tile_f32(const int32_t* xq, int64_t xqs, const int8_t* wb, int64_t KP, __m256i* acc) {
+  __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+  const int32_t *x0 = xq, *x1 = xq + (R > 1 ? xqs : 0), *x2 = xq + (R > 2 ? 2 * xqs : 0),
+                *x3 = xq + (R > 3 ? 3 * xqs : 0);
+  for (int64_t kp = 0; kp < KP; ++kp, wb += 2 * kScreenGroup) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16)));
+    __m256i x = _mm256_set1_epi32(x0[kp]);
+    a00 = _mm256_add_epi32(a00, _mm256_madd_epi16(x, w0));
+    a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(x, w1));
+    if constexpr (R > 1) {
+      x = _mm256_set1_epi32(x1[kp]);
+      a10 = _mm256_add_epi32(a10, _mm256_madd_epi16(x, w0));
+      a11 = _mm256_add_epi32(a11, _mm256_madd_epi16(x, w1));
+    }
+    if constexpr (R > 2) {
+      x = _mm256_set1_epi32(x2[kp]);
+      a20 = _mm256_add_epi32(a20, _mm256_madd_epi16(x, w0));
+      a21 = _mm256_add_epi32(a21, _mm256_madd_epi16(x, w1));
+    }
+    if constexpr (R > 3) {
+      x = _mm256_set1_epi32(x3[kp]);
+      a30 = _mm256_add_epi32(a30, _mm256_madd_epi16(x, w0));
+      a31 = _mm256_add_epi32(a31, _mm256_madd_epi16(x, w1));
+    }
+  }
+  acc[0] = a00, acc[1] = a01;
+  if constexpr (R > 1) acc[2] = a10, acc[3] = a11;
+  if constexpr (R > 2) acc[4] = a20, acc[5] = a21;
+  if constexpr (R > 3) acc[6] = a30, acc[7] = a31;
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+}  // namespace
+#endif
+
+// tokens [M] int64 = argmax_rows(linear_f32(x, wp)) for a float32 x [M, K], through the screen (see above).
+torch::Tensor greedy_head_f32(const torch::Tensor& x, const torch::Tensor& wp, const torch::Tensor& w8,
+                              const torch::Tensor& scale, const torch::Tensor& a, const torch::Tensor& c) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "greedy_head_f32: x must be [M, K] float32");
+  TORCH_CHECK(wp.dim() == 3 && wp.size(2) == kBlock && wp.is_contiguous() && wp.scalar_type() == at::kFloat,
+              "greedy_head_f32: weight must come from pack_f32");
+  const int64_t M = x.size(0), K = x.size(1), NBLK = wp.size(0), N = NBLK * kBlock, KP = (K + 1) / 2;
+  TORCH_CHECK(wp.size(1) == K, "greedy_head_f32: x has ", K, " features, the packed weight ", wp.size(1));
+  TORCH_CHECK(w8.dim() == 4 && w8.size(0) == (N + 64 - 1) / 64 && w8.size(1) == KP &&
+                  w8.size(2) == 64 && w8.size(3) == 2 && w8.scalar_type() == at::kChar &&
+                  w8.is_contiguous(),
+              "greedy_head_f32: w8 must be int8 [ceil(N / 64), ceil(K / 2), 64, 2] (screen_weights)");
+  for (const auto* t : {&scale, &a, &c})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == N && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "greedy_head_f32: scale, a and c must be float32 [N]");
+#ifndef TS_AVX2_FMA
+  TORCH_CHECK(false, "greedy_head_f32 needs AVX2 and FMA (has_avx2_fma is false on this CPU)");
+  return torch::Tensor();
+#else
+  auto out = torch::empty({M}, x.options().dtype(at::kLong));
+  if (M == 0) return out;
+  int64_t* tok = out.data_ptr<int64_t>();
+  auto xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* w = wp.data_ptr<float>();
+  const int64_t block_elems = K * kBlock;
+  // argmax over the given blocks (ascending) of row r with linear_f32's sums, as argmax_rows: first of equal maxima,
+  // a NaN wins at once
+  auto argmax_blocks = [&](int64_t r, const std::vector<int64_t>& blocks) {
+    int64_t best = -1;
+    float bv = 0.f;
+    alignas(32) float o[kBlock];
+    for (int64_t b : blocks) {
+      tile_rows(xp, r, 1, w + b * block_elems, K, nullptr, o, kBlock);
+      for (int64_t l = 0; l < kBlock; ++l) {
+        if (std::isnan(o[l])) return b * kBlock + l;
+        if (best < 0 || o[l] > bv) best = b * kBlock + l, bv = o[l];
+      }
+    }
+    return best;
+  };
+  // x quantised per row to int16 pairs (dwords), small enough that no int32 sum can overflow
+  const int64_t qmax = std::min<int64_t>(32767, int64_t{2147483647} / (127 * 2 * KP));
+  std::vector<int32_t> xq(static_cast<size_t>(M * KP));
+  std::vector<float> sx(M), h1(M);
+  std::vector<char> screened(M, 1);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* xr = xp + r * K;
+    float amax = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < K; ++i) {
+      const float v = std::fabs(xr[i]);
+      amax = std::max(amax, v);  // (a NaN is not taken by max: the sum below catches it)
+      sum += v;
+    }
+    if (!std::isfinite(sum) || !std::isfinite(amax) || qmax < 127) {  // (qmax: a K of over ~130000 features)
+      screened[r] = 0;
+      sx[r] = 1.f;
+      h1[r] = 0.f;
+      continue;
+    }
+    sx[r] = amax > 0.f ? amax / static_cast<float>(qmax) : 1.f;
+    h1[r] = sum * (1.0f + static_cast<float>(4 * KP) * 0x1p-24f);  // twice the bound of the sum's rounding
+    const float inv = 1.0f / sx[r];
+    for (int64_t kp = 0; kp < KP; ++kp) {
+      const long lo = std::lrintf(xr[2 * kp] * inv);
+      const long hi = 2 * kp + 1 < K ? std::lrintf(xr[2 * kp + 1] * inv) : 0;
+      const int64_t clo = std::clamp<long>(lo, -qmax, qmax), chi = std::clamp<long>(hi, -qmax, qmax);
+      xq[r * KP + kp] =
+          static_cast<int32_t>((static_cast<uint32_t>(chi) << 16) | (static_cast<uint32_t>(clo) & 0xffff));
+    }
+  }
+  const int8_t* w8p = w8.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  std::vector<float> umax(static_cast<size_t>(M * NBLK));  // per (row, block): the largest upper bound l' + B
+  const int threads = at::get_num_threads();
+  std::vector<float> tmax(static_cast<size_t>(threads * M), -std::numeric_limits<float>::infinity());
+  std::atomic<int> slot{0};
+  const __m256 m1 = _mm256_set1_ps(1.0f + 0x1p-10f), m2 = _mm256_set1_ps(0x1p-18f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  tierserve_par::dynamic_for(NBLK, 16, [&](auto each) {
+    const int me = slot.fetch_add(1);
+    std::vector<__m256> tv(static_cast<size_t>(M), _mm256_set1_ps(-std::numeric_limits<float>::infinity()));
+    each([&](int64_t bb, int64_t be) {
+      for (int64_t b = bb; b < be; ++b) {  // the block's int8 weights from memory once, then from L1 for later rows
+        const int8_t* wb = w8p + (b / 4) * KP * 2 * kScreenGroup + (b % 4) * 2 * kBlock;
+        const __m256 s0 = _mm256_loadu_ps(sp + b * kBlock), s1 = _mm256_loadu_ps(sp + b * kBlock + 8);
+        const __m256 a0 = _mm256_loadu_ps(ap + b * kBlock), a1 = _mm256_loadu_ps(ap + b * kBlock + 8);
+        const __m256 c0 = _mm256_loadu_ps(cp + b * kBlock), c1 = _mm256_loadu_ps(cp + b * kBlock + 8);
+        for (int64_t r0 = 0; r0 < M; r0 += 4) {
+          const int64_t mr = std::min<int64_t>(4, M - r0);
+          __m256i acc[8];
+          const int32_t* xr = xq.data() + r0 * KP;
+          switch (mr) {
+            case 4: screen_tile_f32<4>(xr, KP, wb, KP, acc); break;
+            case 3: screen_tile_f32<3>(xr, KP, wb, KP, acc); break;
+            case 2: screen_tile_f32<2>(xr, KP, wb, KP, acc); break;
+            default: screen_tile_f32<1>(xr, KP, wb, KP, acc); break;
+          }
+          for (int64_t u = 0; u < mr; ++u) {
+            const int64_t r = r0 + u;
+            const __m256 sxv = _mm256_set1_ps(sx[r]), h1v = _mm256_set1_ps(h1[r]);
+            __m256 up = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+            for (int h = 0; h < 2; ++h) {
+              const __m256 l = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[2 * u + h]), h ? s1 : s0), sxv);
+              const __m256 e = _mm256_fmadd_ps(h ? a1 : a0, h1v, _mm256_mul_ps(h ? c1 : c0, sxv));
+              const __m256 bnd = _mm256_fmadd_ps(_mm256_add_ps(_mm256_and_ps(l, abs_mask), e), m2, _mm256_mul_ps(e, m1));
+              up = _mm256_max_ps(up, _mm256_add_ps(l, bnd));
+              tv[r] = _mm256_max_ps(tv[r], _mm256_sub_ps(l, bnd));
+            }
+            umax[r * NBLK + b] = hmax8(up);
+          }
+        }
+      }
+    });
+    for (int64_t r = 0; r < M; ++r) tmax[me * M + r] = hmax8(tv[r]);
+  });
+  at::parallel_for(0, M, 1, [&](int64_t rb, int64_t re) {
+    std::vector<int64_t> blocks;
+    for (int64_t r = rb; r < re; ++r) {
+      float t = -std::numeric_limits<float>::infinity();
+      for (int i = 0; i < threads; ++i) t = std::max(t, tmax[i * M + r]);
+      if (!screened[r] || !std::isfinite(t)) {
+        tok[r] = -1;
+        continue;
+      }
+      blocks.clear();
+      const float* u = umax.data() + r * NBLK;
+      for (int64_t b = 0; b < NBLK; ++b)
+        if (u[b] >= t) blocks.push_back(b);
+      tok[r] = blocks.empty() ? -1 : argmax_blocks(r, blocks);
+    }
+  });
+  std::vector<int64_t> all_blocks;
+  for (int64_t r = 0; r < M; ++r) {
+    if (tok[r] >= 0) continue;  // not screened (a non-finite input) or nothing kept: every block
+    if (all_blocks.empty())
+      for (int64_t b = 0; b < NBLK; ++b) all_blocks.push_back(b);
+    tok[r] = argmax_blocks(r, all_blocks);
+  }
+  return out;
+#endif
+}
+
 void register_linear_f32(pybind11::module& m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("pack_f32", &pack_f32, "pack a float32 weight [N, K] for linear_f32 (N a multiple of 16)", release());
   m.def("linear_f32", &linear_f32, "x @ w.T (+ bias) from a pack_f32 weight, float32, each output summed in k order",
         pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("bias") = pybind11::none(), release());
+  m.def("greedy_head_f32", &greedy_head_f32,
+        "greedy tokens of x @ w.T through an int8 screen (see linear_f32.cpp): argmax_rows(linear_f32(x, wp)) "
+        "without computing every logit", pybind11::arg("x"), pybind11::arg("wp"), pybind11::arg("w8"),
+        pybind11::arg("scale"), pybind11::arg("a"), pybind11::arg("c"), release());
 #ifdef TS_AVX2_FMA
   m.attr("has_avx2_fma") = true;
 #else
