@@ -27,7 +27,7 @@ def test_latency_json(tmp_path: Path) -> None:
 
 
 def test_throughput_json(tmp_path: Path) -> None:
-    out = tmp_path / "throughput.json"
+    out = tmp_path / "new" / "folder" / "throughput.json"  # made before the run (it used to end in a traceback)
     assert main(["bench", "throughput", "--runs", "2", "--num-prompts", "3", "--input-len", "16", "--output-len", "4",
                  "--kv-cache-memory", "64MiB", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -52,3 +52,10 @@ def test_python_dash_m_runs_the_cli() -> None:
     out = subprocess.run([sys.executable, "-m", "tierserve", "bench", "throughput", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "--device" in out.stdout and "--num-prompts" in out.stdout, out.stderr
+
+
+def test_unwritable_json_fails_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "latency", "--runs", "1", "--json", str(blocker / "x.json")]) == 2
+    assert "cannot write --json" in capsys.readouterr().err

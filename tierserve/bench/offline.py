@@ -12,6 +12,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,7 +79,24 @@ def _other_peak(peaks: MachinePeaks, dtype: torch.dtype) -> str:
     return f" / {peaks.gemm_tflops_fp32:.3f} float32 (at start)"
 
 
+def _json_writable(args: argparse.Namespace) -> bool:
+    """Make --json's folder before the run (minutes of benchmark used to end in a traceback when it was missing);
+    False, with a one-line error, when the file cannot be written there."""
+    if not args.json:
+        return True
+    path = Path(args.json)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as e:
+        print(f"error: cannot write --json {args.json}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_throughput(args: argparse.Namespace) -> int:
+    if not _json_writable(args):
+        return 2
     llm = _llm(args)
     eng = llm.engine
     dtype = eng.dtype
@@ -132,6 +150,8 @@ def cmd_throughput(args: argparse.Namespace) -> int:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
+    if not _json_writable(args):
+        return 2
     llm = _llm(args)
     eng = llm.engine
     peaks = measure_peaks(dtype=eng.dtype, device=eng.device)
