@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "parallel.h"
+#include "screen.h"
+#include "tile_f32.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -27,72 +29,10 @@
 
 namespace {
 
-constexpr int64_t kBlock = 16;
+using tierserve_f32::kBlock;
 
 #ifdef TS_AVX2_FMA
-// R (1-6) rows of x (xr[r]) against one 16-output block (wb: [K, 16]); up to 12 accumulators of 8 lanes, held in
-// named registers (an accumulator array made GCC store all twelve to the stack at every k, which halved the speed).
-// Each output sums its k in order with one FMA per k (the same order at any row count and any thread count).
-template <int R>
-inline void tile(const float* const* xr, const float* wb, int64_t K, const float* bias, float* y, int64_t ys) {
-  const float *x0 = xr[0], *x1 = xr[R > 1 ? 1 : 0], *x2 = xr[R > 2 ? 2 : 0], *x3 = xr[R > 3 ? 3 : 0],
-              *x4 = xr[R > 4 ? 4 : 0], *x5 = xr[R > 5 ? 5 : 0];
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
-         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-  for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(wb + k * kBlock), w1 = _mm256_loadu_ps(wb + k * kBlock + 8);
-    __m256 xb = _mm256_broadcast_ss(x0 + k);
-    a00 = _mm256_fmadd_ps(xb, w0, a00);
-    a01 = _mm256_fmadd_ps(xb, w1, a01);
-    if constexpr (R > 1) {
-      xb = _mm256_broadcast_ss(x1 + k);
-      a10 = _mm256_fmadd_ps(xb, w0, a10);
-      a11 = _mm256_fmadd_ps(xb, w1, a11);
-    }
-    if constexpr (R > 2) {
-      xb = _mm256_broadcast_ss(x2 + k);
-      a20 = _mm256_fmadd_ps(xb, w0, a20);
-      a21 = _mm256_fmadd_ps(xb, w1, a21);
-    }
-    if constexpr (R > 3) {
-      xb = _mm256_broadcast_ss(x3 + k);
-      a30 = _mm256_fmadd_ps(xb, w0, a30);
-      a31 = _mm256_fmadd_ps(xb, w1, a31);
-    }
-    if constexpr (R > 4) {
-      xb = _mm256_broadcast_ss(x4 + k);
-      a40 = _mm256_fmadd_ps(xb, w0, a40);
-      a41 = _mm256_fmadd_ps(xb, w1, a41);
-    }
-    if constexpr (R > 5) {
-      xb = _mm256_broadcast_ss(x5 + k);
-      a50 = _mm256_fmadd_ps(xb, w0, a50);
-      a51 = _mm256_fmadd_ps(xb, w1, a51);
-    }
-  }
-  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
-  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(y + r * ys, bias ? _mm256_add_ps(acc[r][0], b0) : acc[r][0]);
-    _mm256_storeu_ps(y + r * ys + 8, bias ? _mm256_add_ps(acc[r][1], b1) : acc[r][1]);
-  }
-}
-
-// Rows [m0, m0 + mr) (mr 1-6) of x against one block.
-inline void tile_rows(const float* x, int64_t m0, int64_t mr, const float* wb, int64_t K, const float* bias, float* y,
-                      int64_t ys) {
-  const float* xr[6];
-  for (int64_t r = 0; r < 6; ++r) xr[r] = x + (m0 + std::min(r, mr - 1)) * K;
-  switch (mr) {
-    case 6: tile<6>(xr, wb, K, bias, y, ys); break;
-    case 5: tile<5>(xr, wb, K, bias, y, ys); break;
-    case 4: tile<4>(xr, wb, K, bias, y, ys); break;
-    case 3: tile<3>(xr, wb, K, bias, y, ys); break;
-    case 2: tile<2>(xr, wb, K, bias, y, ys); break;
-    default: tile<1>(xr, wb, K, bias, y, ys); break;
-  }
-}
+using tierserve_f32::tile_rows;
 
 // One row against two blocks at once: four independent FMA chains, so a decode step's GEMV is bound by the weight
 // stream rather than by the FMA latency of two chains.
@@ -309,34 +249,14 @@ torch::Tensor greedy_head_f32(const torch::Tensor& x, const torch::Tensor& wp, c
     return best;
   };
   // x quantised per row to int16 pairs (dwords), small enough that no int32 sum can overflow
-  const int64_t qmax = std::min<int64_t>(32767, int64_t{2147483647} / (127 * 2 * KP));
+  const int64_t qmax = tierserve_screen::x_qmax(KP);
   std::vector<int32_t> xq(static_cast<size_t>(M * KP));
   std::vector<float> sx(M), h1(M);
   std::vector<char> screened(M, 1);
   for (int64_t r = 0; r < M; ++r) {
     const float* xr = xp + r * K;
-    float amax = 0.f, sum = 0.f;
-    for (int64_t i = 0; i < K; ++i) {
-      const float v = std::fabs(xr[i]);
-      amax = std::max(amax, v);  // (a NaN is not taken by max: the sum below catches it)
-      sum += v;
-    }
-    if (!std::isfinite(sum) || !std::isfinite(amax) || qmax < 127) {  // (qmax: a K of over ~130000 features)
-      screened[r] = 0;
-      sx[r] = 1.f;
-      h1[r] = 0.f;
-      continue;
-    }
-    sx[r] = amax > 0.f ? amax / static_cast<float>(qmax) : 1.f;
-    h1[r] = sum * (1.0f + static_cast<float>(4 * KP) * 0x1p-24f);  // twice the bound of the sum's rounding
-    const float inv = 1.0f / sx[r];
-    for (int64_t kp = 0; kp < KP; ++kp) {
-      const long lo = std::lrintf(xr[2 * kp] * inv);
-      const long hi = 2 * kp + 1 < K ? std::lrintf(xr[2 * kp + 1] * inv) : 0;
-      const int64_t clo = std::clamp<long>(lo, -qmax, qmax), chi = std::clamp<long>(hi, -qmax, qmax);
-      xq[r * KP + kp] =
-          static_cast<int32_t>((static_cast<uint32_t>(chi) << 16) | (static_cast<uint32_t>(clo) & 0xffff));
-    }
+    screened[r] = tierserve_screen::quantize_row([&](int64_t i) { return xr[i]; }, K, KP, qmax, xq.data() + r * KP,
+                                                 sx[r], h1[r]);
   }
   const int8_t* w8p = w8.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();

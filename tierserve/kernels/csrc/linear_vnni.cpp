@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "screen.h"
 #include "ts_silu.h"
 #include "vec.h"
 
@@ -421,33 +422,14 @@ torch::Tensor greedy_head(const torch::Tensor& x, const torch::Tensor& wp, const
     return argmax_blocks(r, all_blocks);
   };
   // x quantised per row to int16 pairs (dwords), small enough that no int32 sum can overflow
-  const int64_t qmax = std::min<int64_t>(32767, (int64_t{2147483647} / (127 * 2 * KP)));
+  const int64_t qmax = tierserve_screen::x_qmax(KP);
   std::vector<int32_t> xq(static_cast<size_t>(M * KP));
   std::vector<float> sx(M), h1(M);
   std::vector<char> screened(M, 1);
   for (int64_t r = 0; r < M; ++r) {
-    float amax = 0.f, sum = 0.f;
-    for (int64_t i = 0; i < 2 * KP; ++i) {
-      const float v = std::fabs(tierserve_vec::f32(xp[r * xs + i]));
-      amax = std::max(amax, v);  // (a NaN is not taken by max: the sum below catches it)
-      sum += v;
-    }
-    if (!std::isfinite(sum) || !std::isfinite(amax) || qmax < 127) {  // (qmax: a K of over ~130000 features)
-      screened[r] = 0;
-      sx[r] = 1.f;
-      h1[r] = 0.f;
-      continue;
-    }
-    sx[r] = amax > 0.f ? amax / static_cast<float>(qmax) : 1.f;
-    h1[r] = sum * (1.0f + static_cast<float>(4 * KP) * 0x1p-24f);  // twice the bound of the sum's rounding
-    const float inv = 1.0f / sx[r];
-    for (int64_t kp = 0; kp < KP; ++kp) {
-      const long lo = std::lrintf(tierserve_vec::f32(xp[r * xs + 2 * kp]) * inv);
-      const long hi = std::lrintf(tierserve_vec::f32(xp[r * xs + 2 * kp + 1]) * inv);
-      const int64_t clo = std::clamp<long>(lo, -qmax, qmax), chi = std::clamp<long>(hi, -qmax, qmax);
-      xq[r * KP + kp] =
-          static_cast<int32_t>((static_cast<uint32_t>(chi) << 16) | (static_cast<uint32_t>(clo) & 0xffff));
-    }
+    const at::BFloat16* xr = xp + r * xs;  // (padded to 2 KP features with a zero)
+    screened[r] = tierserve_screen::quantize_row([&](int64_t i) { return tierserve_vec::f32(xr[i]); }, 2 * KP, KP,
+                                                 qmax, xq.data() + r * KP, sx[r], h1[r]);
   }
   const int8_t* w8p = w8.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "tile_f32.h"
 #include "vec.h"
 
 namespace {
@@ -674,10 +675,10 @@ void attend_f32(const Rows<float>& qs, int64_t nq, const int64_t* limit, const S
 // ---- float32 prefill items (many query rows): scores and p.V as small register-tiled GEMMs --------------------------
 // A prefill work item has tens of rows (a tile of query tokens times the GQA group) against the same keys, so it is
 // compute-bound, and the dot-product form above (each score a horizontal-add tree, each key row loaded once per query
-// row) ran at ~37% of the FMA peak. Here the rows are packed once per item into panels of 6 ([d][8]), each group of 16
-// keys is transposed once into [d][16], and every 6 rows x 16 keys of scores come from 12 accumulators, one FMA per
-// (feature, row, 8 keys) - linear_f32's tile; p.V takes 6 rows x 16 features per register set over chunks of keys that
-// stay in L1. Each score still sums its features in order, each output its keys in order.
+// row) ran at ~37% of the FMA peak. Here each group of 16 keys is transposed once into [d][16], and every 6 rows x 16
+// keys of scores come from linear_f32's tile (tile_f32.h: 12 accumulators, one FMA per feature, row and 8 keys); p.V
+// takes 6 rows x 16 features per register set over chunks of keys that stay in L1. Each score still sums its features
+// in order, each output its keys in order.
 
 // o[i * os + j] = rows[j][i] for j < 8, i < d (d a multiple of 8); a null row gives zeros.
 inline void transpose8_f32(const float* const* rows, int64_t d, float* o, int64_t os) {
@@ -709,51 +710,6 @@ inline void transpose_keys16(const float* k, int64_t n, int64_t d, float* kt) {
     const float* kr[8];
     for (int64_t j = 0; j < 8; ++j) kr[j] = j0 + j < n ? k + (j0 + j) * d : nullptr;
     transpose8_f32(kr, d, kt + j0, 16);
-  }
-}
-
-// S[r][0..16) = q_r . k_j (unscaled: a register for the scale made GCC reload a key vector for every FMA) for the R
-// rows of a packed panel qp ([d][8]: feature i of row r at qp[8 i + r])
-// against a transposed group kt [d][16] (zero past its keys), to o + r * os.
-template <int R>
-inline void scores_tile_f32(const float* qp, const float* kt, int64_t d, float* o, int64_t os) {
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
-         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
-  for (int64_t i = 0; i < d; ++i, qp += 8, kt += 16) {
-    const __m256 k0 = _mm256_loadu_ps(kt), k1 = _mm256_loadu_ps(kt + 8);
-    __m256 x = _mm256_broadcast_ss(qp);
-    a00 = _mm256_fmadd_ps(x, k0, a00);
-    a01 = _mm256_fmadd_ps(x, k1, a01);
-    if constexpr (R > 1) {
-      x = _mm256_broadcast_ss(qp + 1);
-      a10 = _mm256_fmadd_ps(x, k0, a10);
-      a11 = _mm256_fmadd_ps(x, k1, a11);
-    }
-    if constexpr (R > 2) {
-      x = _mm256_broadcast_ss(qp + 2);
-      a20 = _mm256_fmadd_ps(x, k0, a20);
-      a21 = _mm256_fmadd_ps(x, k1, a21);
-    }
-    if constexpr (R > 3) {
-      x = _mm256_broadcast_ss(qp + 3);
-      a30 = _mm256_fmadd_ps(x, k0, a30);
-      a31 = _mm256_fmadd_ps(x, k1, a31);
-    }
-    if constexpr (R > 4) {
-      x = _mm256_broadcast_ss(qp + 4);
-      a40 = _mm256_fmadd_ps(x, k0, a40);
-      a41 = _mm256_fmadd_ps(x, k1, a41);
-    }
-    if constexpr (R > 5) {
-      x = _mm256_broadcast_ss(qp + 5);
-      a50 = _mm256_fmadd_ps(x, k0, a50);
-      a51 = _mm256_fmadd_ps(x, k1, a51);
-    }
-  }
-  const __m256 acc[6][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}, {a40, a41}, {a50, a51}};
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(o + r * os, acc[r][0]);
-    _mm256_storeu_ps(o + r * os + 8, acc[r][1]);
   }
 }
 
@@ -822,40 +778,32 @@ void attend_f32_gemm(const Rows<float>& qs, int64_t nq, const int64_t* limit, co
   const int64_t d = qs.d, G = qs.group, bs = ks.block_size;
   // score row stride: whole 16-key groups, plus one (with blocks of 8 keys, a group may start 8 keys before the end)
   const int64_t cs = (ctx + 15) / 16 * 16 + 16;
-  const int64_t panels = (nq + 5) / 6;
-  scratch.resize(static_cast<size_t>(nq * cs + nq * d + nq + d * 16 + panels * 8 * d));
+  scratch.resize(static_cast<size_t>(nq * cs + nq * d + nq + d * 16));
   float* sc = scratch.data();
   float* acc = sc + nq * cs;
   float* inv_z = acc + nq * d;
   float* kt = inv_z + nq;
-  float* qpk = kt + d * 16;
   auto first_row = [&](int64_t t) {
     return static_cast<int64_t>(std::upper_bound(limit, limit + nq, t) - limit);
   };
-  // The rows in panels of 6 from row 0, each transposed to [d][8] (lanes 6 and 7 unused).
-  for (int64_t pn = 0; pn < panels; ++pn) {
-    const float* qr[8] = {};
-    for (int64_t u = 0; u < 6 && pn * 6 + u < nq; ++u) qr[u] = qs.row(pn * 6 + u);
-    transpose8_f32(qr, d, qpk + pn * 8 * d, 8);
-  }
-  // Pass 1: scores, 16 keys at a time, for the panels from the one holding the first row that sees the first key
-  // (rows of that panel before it compute scores they never read).
+  // Pass 1: scores, 16 keys at a time, for every row that sees the first of them.
   for (int64_t t0 = 0; t0 < ctx;) {
     const int64_t r0 = first_row(t0);
     if (r0 >= nq) break;
     const int64_t n = std::min<int64_t>({16, ctx - t0, bs - ks.offset_of(t0)});
     transpose_keys16(ks.row(t0, d), n, d, kt);
-    for (int64_t pn = r0 / 6; pn < panels; ++pn) {
-      const int64_t r = pn * 6, mr = std::min<int64_t>(6, nq - r);
-      const float* qp = qpk + pn * 8 * d;
-      float* o = sc + r * cs + t0;
+    for (int64_t r = r0; r < nq; r += 6) {  // linear_f32's tile: the keys as a [d][16] weight block
+      const int64_t mr = std::min<int64_t>(6, nq - r);
+      const float* qr[6];
+      for (int64_t u = 0; u < 6; ++u) qr[u] = qs.row(r + std::min(u, mr - 1));
+      float* o = sc + r * cs + t0;  // unscaled (the scale is applied in pass 2, after the dot product as attend_f32)
       switch (mr) {
-        case 6: scores_tile_f32<6>(qp, kt, d, o, cs); break;
-        case 5: scores_tile_f32<5>(qp, kt, d, o, cs); break;
-        case 4: scores_tile_f32<4>(qp, kt, d, o, cs); break;
-        case 3: scores_tile_f32<3>(qp, kt, d, o, cs); break;
-        case 2: scores_tile_f32<2>(qp, kt, d, o, cs); break;
-        default: scores_tile_f32<1>(qp, kt, d, o, cs); break;
+        case 6: tierserve_f32::tile<6>(qr, kt, d, nullptr, o, cs); break;
+        case 5: tierserve_f32::tile<5>(qr, kt, d, nullptr, o, cs); break;
+        case 4: tierserve_f32::tile<4>(qr, kt, d, nullptr, o, cs); break;
+        case 3: tierserve_f32::tile<3>(qr, kt, d, nullptr, o, cs); break;
+        case 2: tierserve_f32::tile<2>(qr, kt, d, nullptr, o, cs); break;
+        default: tierserve_f32::tile<1>(qr, kt, d, nullptr, o, cs); break;
       }
     }
     t0 += n;
