@@ -2,7 +2,8 @@
 of the engine): torch's F.linear, oneDNN with a prepacked weight, linear_vnni (AVX-512-BF16) and, where the CPU has
 AMX, linear_amx - the median of --reps calls each, in one process, with the threads the engine would use. On a CPU
 without native bf16 (the engine computes in float32 there), or with --float32: torch's F.linear (MKL) against
-linear_f32 (AVX2), with the ratio.
+linear_f32 (AVX2), with the ratio; then a plain greedy step's LM head, linear_f32 + argmax_rows against its int8
+screen (greedy_head_f32; the same tokens, checked).
 
     .venv/bin/python scripts/linear_kernels.py [--rows 1,16,64,512] [--reps 50] [--float32]
 
@@ -155,6 +156,24 @@ def float32(ops: object, args: argparse.Namespace) -> None:
             ref = median_us(partial(F.linear, x, w), reps)
             ours = median_us(partial(ops.linear_f32, x, wp), reps)  # type: ignore[attr-defined]
             print(f"{name + f' {n}x{k}':>16} {rows:>5} {ref:>10.0f} {ours:>10.0f} {ours / ref:>6.2f}", flush=True)
+    # a plain greedy step's head: linear_f32 + argmax_rows against the int8 screen (greedy_head_f32), same tokens
+    from tierserve.model_executor.models.llama import screen_weights
+
+    n, k = SHAPES["head"]
+    w = torch.randn(n, k, generator=gen) * 0.04
+    wp, screen = ops.pack_f32(w), screen_weights(w)  # type: ignore[attr-defined]
+    print(f"{'greedy head':>16} {'rows':>5} {'full':>10} {'screened':>10} {'ratio':>6}")
+    for rows in (int(r) for r in args.rows.split(",")):
+        # hidden states near one head row each, as a trained model's are (a flat row would keep more candidates)
+        picks = torch.randint(0, n, (rows,), generator=gen)
+        x = w[picks] * 25 + torch.randn(rows, k, generator=gen)
+        full = partial(lambda x: ops.argmax_rows(ops.linear_f32(x, wp)), x)  # type: ignore[attr-defined]
+        screened = partial(ops.greedy_head_f32, x, wp, *screen)  # type: ignore[attr-defined]
+        if not torch.equal(full(), screened()):
+            raise SystemExit("greedy_head_f32 gave other tokens than linear_f32 + argmax_rows")
+        reps = max(3, args.reps // 10) if rows > 64 else args.reps
+        a, b = median_us(full, reps), median_us(screened, reps)
+        print(f"{f'{n}x{k}':>16} {rows:>5} {a:>10.0f} {b:>10.0f} {b / a:>6.2f}", flush=True)
 
 
 if __name__ == "__main__":

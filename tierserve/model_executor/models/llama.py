@@ -136,8 +136,8 @@ class LlamaForCausalLM(nn.Module):
     """An int8 screen of the LM head (``screen_weights``) for the native ``greedy_head`` (bf16, ``vnni``: plain greedy
     steps of up to ``screen_max_rows`` rows get their tokens from it, the same tokens, reading half the head's bytes)
     or ``greedy_head_f32`` (float32, ``f32``: every plain greedy step; a quarter of the head's bytes, and int16
-    multiply-adds in place of float32 FMAs - the head of the default model: 0.40-0.45x the time of linear_f32 + argmax
-    at 1-8 rows, 0.71x at 64 rows on an AVX2 Zen 3, ad hoc)."""
+    multiply-adds in place of float32 FMAs - the head of the default model: 0.33-0.50x the time of linear_f32 + argmax
+    at 1-8 rows, 0.72-0.80x at 64 rows on an AVX2 Zen 3, ``scripts/linear_kernels.py --float32``)."""
     screen_max_rows: int = 8
     """Most sampled rows of a step that take ``greedy_head`` (0: never). The head alone, weights from memory (Zen 5
     EPYC, ad hoc): 1-2 rows 0.51x the time of linear_vnni + argmax, 4 rows 0.74x, 8 rows 0.88x, 16 rows 1.25x (the
